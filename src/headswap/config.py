@@ -1,0 +1,191 @@
+"""The one typed configuration object, loaded once from params.yaml.
+
+Every stage takes only its own section. Unknown keys are errors (``extra="forbid"``) so a typo in
+params.yaml can never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from headswap.errors import ConfigError
+
+Tap = int | Literal["head"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Section):
+    """Deterministic stratified split; fractions are of the whole dataset."""
+
+    seed: int = 0
+    test_size: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    val_size: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> SplitConfig:
+        if self.test_size + self.val_size >= 1:
+            raise ValueError(
+                f"test_size + val_size must be below 1 (got {self.test_size} + {self.val_size})"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """Where the images come from and how they are split."""
+
+    source: str = "elpv"
+    max_per_class: Annotated[int, Field(ge=2)] | None = None
+    positive_class: str | None = "defective"
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    min_per_class: Annotated[int, Field(ge=1)] = 2
+    split: SplitConfig = SplitConfig()
+
+
+class BackboneConfig(_Section):
+    """The frozen body: which network, which weights, which depths to pool from."""
+
+    name: str = "efficientnet_lite0"
+    weights: str | None = None
+    image_size: Annotated[int, Field(ge=32, le=1024)] | None = None
+    taps: Annotated[list[Tap], Field(min_length=1)] = ["head"]
+    pool: Literal["mean", "max", "meanmax", "gem"] = "mean"
+
+    @field_validator("taps")
+    @classmethod
+    def _taps_unique(cls, taps: list[Tap]) -> list[Tap]:
+        if len(set(map(str, taps))) != len(taps):
+            raise ValueError(f"taps must not repeat (got {taps})")
+        return taps
+
+
+class FeaturesConfig(_Section):
+    """How embeddings are computed and cached."""
+
+    engine: Literal["auto", "onnxruntime", "torch"] = "auto"
+    views: Literal["none", "flip", "d4"] = "none"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    workers: Annotated[int, Field(ge=0, le=64)] = 2
+    cache_dir: str | None = None
+
+
+class HeadConfig(_Section):
+    """The only trained part: a logistic regression or a small MLP on the embeddings."""
+
+    type: Literal["logistic", "mlp"] = "logistic"
+    C: Annotated[float, Field(gt=0)] | Literal["auto"] = 1.0
+    hidden: Annotated[int, Field(ge=1)] = 256
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    class_weight: Literal["none", "balanced"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    max_iter: Annotated[int, Field(ge=1)] = 500
+
+
+class EvaluateConfig(_Section):
+    """Test-split metrics and plots."""
+
+    threshold: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] = 0.5
+    slices: list[str] = ["cell_type"]
+    bootstrap: Annotated[int, Field(ge=0)] = 1000
+
+
+class ExportConfig(_Section):
+    """The deployable ONNX model and its parity check against torch."""
+
+    opset: Annotated[int, Field(ge=13, le=23)] = 17
+    parity_atol: Annotated[float, Field(gt=0)] = 1e-4
+
+
+class RegistryConfig(_Section):
+    """Where the model is registered in MLflow."""
+
+    model_name: Annotated[str, Field(min_length=1)] = "elpv-defects"
+    experiment: Annotated[str, Field(min_length=1)] = "headswap"
+    auto_promote: bool = False
+
+
+class Params(_Section):
+    """Everything in params.yaml."""
+
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    head: HeadConfig = HeadConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at ``loc`` (the parent of an offending key)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    """Turn pydantic's report into one line per problem, naming the key path and what is allowed."""
+    lines = []
+    for item in error.errors():
+        loc = item["loc"]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(Params, loc[:-1]))
+            lines.append(f"{source}: unknown key '{key}' (allowed here: {allowed})")
+        else:
+            got = item.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: invalid value for '{key}': {item['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping, raising a ConfigError with one line per problem."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate params.yaml.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or breaks the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (run from the project root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, source=str(path))
+
+
+def flatten_params(params: Params) -> dict[str, str]:
+    """Dotted-key view of every parameter, as logged to MLflow (``head.C`` -> ``"1.0"``)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", params.model_dump(mode="json"))
+    return flat

@@ -1,0 +1,301 @@
+"""The trained part: a logistic-regression or MLP head on frozen embeddings, plus calibration.
+
+A head owns its input standardisation, its temperature and (for two classes) its decision
+threshold, so the saved artifact alone reproduces every prediction the evaluate stage reports,
+and the exported ONNX model embeds exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from headswap.config import EvaluateConfig, HeadConfig
+from headswap.errors import ConfigError
+from headswap.features import FeatureSet
+from headswap.io import atomic_path, atomic_write_text
+
+C_GRID = tuple(float(c) for c in np.logspace(-3, 1, 9))
+CV_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class HeadMeta:
+    """Everything needed to rebuild a saved head, stored beside its weights as JSON."""
+
+    type: str
+    dim: int
+    classes: list[str]
+    hidden: int
+    dropout: float
+    C: float
+    temperature: float
+    threshold: float | None
+    device: str
+    train_seconds: float
+    epochs: int
+
+
+class Head(nn.Module):
+    """Standardise -> linear (or MLP) -> temperature-scaled class probabilities."""
+
+    def __init__(self, dim: int, n_classes: int, kind: str = "logistic", hidden: int = 256,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.n_classes = n_classes
+        outputs = 1 if n_classes == 2 else n_classes  # one sigmoid logit for binary tasks
+        if kind == "logistic":
+            self.net = nn.Linear(dim, outputs)
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, outputs)
+            )
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("temperature", torch.ones(()))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net((features - self.mean) / self.scale)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [N, n_classes], temperature applied."""
+        return logits_to_probabilities(self.logits(features) / self.temperature, self.n_classes)
+
+
+def logits_to_probabilities(logits: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Binary heads have one sigmoid logit; expand it to two columns like softmax heads."""
+    if n_classes == 2:
+        positive = torch.sigmoid(logits)
+        return torch.cat([1 - positive, positive], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample weighted mean of the log-loss that matches the head's output layer."""
+    if logits.shape[1] == 1:
+        per_sample = nn.functional.binary_cross_entropy_with_logits(
+            logits[:, 0], targets.to(logits.dtype), reduction="none"
+        )
+    else:
+        per_sample = nn.functional.cross_entropy(logits, targets, reduction="none")
+    return (per_sample * weights).sum() / weights.sum()
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("head.device: 'cuda' requested but no CUDA device is available")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
+    """Per-sample weights: 1, or n / (k * count[class]) for ``balanced`` (sklearn's rule)."""
+    if mode == "none":
+        return np.ones(len(labels))
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    return (len(labels) / (n_classes * np.maximum(counts, 1)))[labels]
+
+
+def _expand_views(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, V, D] -> [N*V, D]: every view is a training sample with its image's label."""
+    n, v, d = embeddings.shape
+    return embeddings.reshape(n * v, d), np.repeat(labels, v)
+
+
+def _fit_standardisation(head: Head, x: np.ndarray) -> None:
+    head.mean.copy_(torch.from_numpy(x.mean(axis=0)))
+    head.scale.copy_(torch.from_numpy(x.std(axis=0) + 1e-6))
+
+
+def fit_logistic(head: Head, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float,
+                 n_images: int, max_iter: int) -> int:
+    """Full-batch L-BFGS on log-loss + ||W||^2 / (2 C n): sklearn's C, counted per image."""
+    params = list(head.net.parameters())
+    optimizer = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6, tolerance_change=1e-9,
+    )
+    weight = head.net.weight
+    state = {"evaluations": 0}
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = _loss(head.logits(x), y, w) + weight.pow(2).sum() / (2 * C * n_images)
+        loss.backward()
+        state["evaluations"] += 1
+        return loss
+
+    optimizer.step(closure)
+    return state["evaluations"]
+
+
+def fit_mlp(head: Head, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, val: tuple | None,
+            config: HeadConfig, generator: torch.Generator) -> int:
+    """AdamW minibatches with early stopping on validation log-loss (patience 20 epochs)."""
+    optimizer = torch.optim.AdamW(head.net.parameters(), lr=1e-3, weight_decay=1e-2)
+    best = (float("inf"), None, 0)
+    patience, batch = 20, 256
+    epoch = 0
+    for epoch in range(1, config.max_iter + 1):
+        head.train()
+        order = torch.randperm(len(x), generator=generator).to(x.device)
+        for start in range(0, len(x), batch):
+            idx = order[start : start + batch]
+            optimizer.zero_grad()
+            _loss(head.logits(x[idx]), y[idx], w[idx]).backward()
+            optimizer.step()
+        head.eval()
+        if val is None:
+            continue
+        with torch.no_grad():
+            val_loss = _view_averaged_nll(head, *val)
+        if val_loss < best[0] - 1e-5:
+            best = (val_loss, {k: v.clone() for k, v in head.state_dict().items()}, epoch)
+        elif epoch - best[2] >= patience:
+            break
+    if best[1] is not None:
+        head.load_state_dict(best[1])
+    return epoch
+
+
+def _view_averaged_nll(head: Head, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    n, v, d = embeddings.shape
+    probabilities = head(embeddings.reshape(n * v, d)).reshape(n, v, -1).mean(dim=1)
+    picked = probabilities[torch.arange(n), labels].clamp_min(1e-12)
+    return float(-picked.log().mean())
+
+
+def predict_proba(head: Head, embeddings: np.ndarray) -> np.ndarray:
+    """[N, V, D] embeddings -> [N, K] probabilities averaged over views (what ONNX computes)."""
+    head.eval()
+    n, v, d = embeddings.shape
+    device = next(head.parameters()).device
+    x = torch.from_numpy(embeddings.reshape(n * v, d)).to(device, head.mean.dtype)
+    with torch.no_grad():
+        probabilities = head(x).reshape(n, v, -1).mean(dim=1)
+    return probabilities.double().cpu().numpy()
+
+
+def fit_temperature(head: Head, embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising validation NLL of the view-averaged probabilities.
+
+    A 1-D grid over log T (0.05..20) is exact enough and needs no tuning.
+    """
+    if len(labels) == 0:
+        return 1.0
+    head.temperature.fill_(1.0)
+    best_t, best_nll = 1.0, float("inf")
+    tensors = (
+        torch.from_numpy(embeddings).to(head.mean),
+        torch.from_numpy(labels).to(head.mean.device),
+    )
+    for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 241)):
+        head.temperature.fill_(float(t))
+        with torch.no_grad():
+            nll = _view_averaged_nll(head, *tensors)
+        if nll < best_nll - 1e-12:
+            best_t, best_nll = float(t), nll
+    head.temperature.fill_(best_t)
+    return best_t
+
+
+def choose_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The positive-class threshold with the best validation accuracy (ties -> nearest 0.5)."""
+    positive = probabilities[:, 1]
+    candidates = np.unique(np.concatenate([positive, [0.5]]))
+    scored = [
+        (float(((positive >= t) == (labels == 1)).mean()), -abs(t - 0.5), float(t))
+        for t in candidates
+    ]
+    return max(scored)[2]
+
+
+def _fit_once(x: np.ndarray, y: np.ndarray, n_images: int, n_classes: int, config: HeadConfig,
+              C: float, device: str, val: tuple[np.ndarray, np.ndarray] | None) -> tuple[Head, int]:
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    head = Head(x.shape[1], n_classes, config.type, config.hidden, config.dropout)
+    _fit_standardisation(head, x)
+    head = head.to(device, dtype)
+    xt = torch.from_numpy(x).to(device, dtype)
+    yt = torch.from_numpy(y).to(device)
+    wt = torch.from_numpy(class_weights(y, n_classes, config.class_weight)).to(device, dtype)
+    if config.type == "logistic":
+        steps = fit_logistic(head, xt, yt, wt, C, n_images, config.max_iter)
+    else:
+        val_t = None
+        if val is not None and len(val[1]):
+            val_t = (torch.from_numpy(val[0]).to(device, dtype), torch.from_numpy(val[1]).to(device))
+        steps = fit_mlp(head, xt, yt, wt, val_t, config, generator)
+    return head.eval(), steps
+
+
+def choose_C(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, config: HeadConfig,
+             device: str) -> float:
+    """Stratified k-fold cross-validation on the training split only (folds split by image)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=config.seed)
+    losses = []
+    for C in C_GRID:
+        fold_losses = []
+        for fit_idx, held_idx in folds.split(embeddings[:, 0], labels):
+            x, y = _expand_views(embeddings[fit_idx], labels[fit_idx])
+            head, _ = _fit_once(x, y, len(fit_idx), n_classes, config, C, device, None)
+            held = (torch.from_numpy(embeddings[held_idx]).to(head.mean), torch.from_numpy(labels[held_idx]).to(device))
+            with torch.no_grad():
+                fold_losses.append(_view_averaged_nll(head, *held))
+        losses.append(float(np.mean(fold_losses)))
+    return C_GRID[int(np.argmin(losses))]
+
+
+def train_head(features: FeatureSet, classes: list[str], config: HeadConfig,
+               threshold: EvaluateConfig | float | str = 0.5) -> tuple[Head, HeadMeta]:
+    """Fit the head on the train split, then temperature and threshold on the val split."""
+    if isinstance(threshold, EvaluateConfig):
+        threshold = threshold.threshold
+    index = {name: i for i, name in enumerate(classes)}
+    train_x, train_labels = features.select("train")
+    val_x, val_labels = features.select("val")
+    train_y = np.array([index[label] for label in train_labels], dtype=np.int64)
+    val_y = np.array([index[label] for label in val_labels], dtype=np.int64)
+    device = resolve_device(config.device)
+
+    started = time.perf_counter()
+    C = choose_C(train_x, train_y, len(classes), config, device) if config.C == "auto" else config.C
+    x, y = _expand_views(train_x, train_y)
+    head, steps = _fit_once(x, y, len(train_y), len(classes), config, C, device, (val_x, val_y))
+    temperature = fit_temperature(head, val_x, val_y)
+    decision = None
+    if len(classes) == 2:
+        decision = 0.5
+        if threshold == "auto" and len(val_y):
+            decision = choose_threshold(predict_proba(head, val_x), val_y)
+        elif threshold != "auto":
+            decision = float(threshold)
+    seconds = time.perf_counter() - started
+    meta = HeadMeta(config.type, x.shape[1], classes, config.hidden, config.dropout, float(C),
+                    temperature, decision, device, round(seconds, 3), steps)
+    return head.cpu().float(), meta
+
+
+def save_head(head: Head, meta: HeadMeta, weights_path: Path, meta_path: Path) -> None:
+    """Weights as a plain state dict (loadable with ``weights_only=True``), metadata as JSON."""
+    with atomic_path(weights_path) as tmp:
+        torch.save(head.state_dict(), tmp)
+    atomic_write_text(meta_path, json.dumps(asdict(meta), indent=2))
+
+
+def load_head(weights_path: Path, meta_path: Path) -> tuple[Head, HeadMeta]:
+    meta = HeadMeta(**json.loads(Path(meta_path).read_text()))
+    head = Head(meta.dim, len(meta.classes), meta.type, meta.hidden, meta.dropout)
+    head.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return head.eval(), meta

@@ -1,0 +1,97 @@
+"""Decoding and resizing, shared by prepare, features, export and predict.
+
+One function turns a file into the model's input so that the evaluate stage, the exported ONNX
+model and batch prediction can never disagree about preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+
+# Refuse images above this many pixels (a 16k x 16k photo) instead of letting one crafted file
+# exhaust memory: PIL only warns below 2x its own limit, so we turn the warning into an error.
+MAX_PIXELS = 16_384 * 16_384
+
+_RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class UnreadableImageError(ValueError):
+    """The file cannot be decoded as an image; the message says why, for the validation report."""
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Content hash used for the manifest, the feature cache key and the split fingerprint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode a file fully into an RGB image with its EXIF orientation applied.
+
+    Raises:
+        UnreadableImageError: empty, truncated, not an image, or too large.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImageError("empty file (0 bytes)")
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+    except UnreadableImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImageError(
+            f"image too large to decode safely (limit {MAX_PIXELS} pixels): {error}"
+        ) from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError("not an image file (PIL cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UnreadableImageError(f"cannot decode: {error}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits instead of letting PIL clip everything above 255.
+        array = np.asarray(image, dtype=np.float64)
+        top = max(float(array.max()), 1.0)
+        image = Image.fromarray((array * (255.0 / top)).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparent pixels onto white rather than the undefined colour under them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_model_input(image: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize to ``size`` x ``size`` and return float32 CHW pixel values in 0..255.
+
+    Normalisation is *not* applied here: it lives inside the exported model, so that every
+    consumer feeds raw pixels.
+    """
+    resized = image.resize((size, size), _RESAMPLING[interpolation])
+    return np.asarray(resized, dtype=np.float32).transpose(2, 0, 1).copy()
+
+
+def load_model_input(path: Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Decode and resize one file into the model's input layout."""
+    return to_model_input(open_rgb(path), size, interpolation)
