@@ -1,0 +1,1 @@
+"""Prefect flows: thin orchestration over headswap's stage functions and the DVC DAG."""
