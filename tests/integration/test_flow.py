@@ -1,0 +1,30 @@
+"""The spine through Prefect: `python -m flows.pipeline` in ephemeral mode drives the DVC stages."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run
+
+
+def test_flow_runs_pipeline_records_experiment_and_registers(make_workspace):
+    workspace = make_workspace(max_per_class=12)
+    result = run(["python", "-m", "flows.pipeline"], workspace)
+
+    assert "headswap run complete" in result.stdout
+    assert "registered      elpv-defects version 1" in result.stdout
+    registration = json.loads((workspace / "models/registry.json").read_text())
+    assert registration["aliases"] == ["challenger", "champion"]
+    assert (workspace / "data/raw.dvc").is_file(), "the flow versions data/raw with dvc add"
+    assert any((workspace / ".dvc-storage").rglob("*")), "the flow pushes data to the DVC remote"
+
+    experiments = run(["dvc", "exp", "list", "--all-commits", "--name-only"], workspace).stdout
+    assert "train-" in experiments
+
+    import mlflow
+
+    mlflow.set_tracking_uri(registration["tracking_uri"])
+    mlflow_run = mlflow.get_run(registration["run_id"])
+    assert mlflow_run.data.tags["headswap.dvc_experiment"] in experiments
+    assert mlflow_run.data.tags["headswap.prefect_flow_run_id"]
+    assert mlflow_run.data.params["head.C"] == "1.0"

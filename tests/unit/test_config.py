@@ -1,0 +1,65 @@
+"""params.yaml is one typed model: defaults load, and every mistake is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from headswap.config import Params, flatten_params, load_params, parse_params
+from headswap.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_committed_params_yaml_is_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.split.test_size == 0.25
+    assert params.registry.model_name == "elpv-defects"
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ConfigError) as error:
+        parse_params({"head": {"Cc": 1.0}})
+    message = str(error.value)
+    assert "head.Cc" in message
+    assert "allowed here: type, C, hidden" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="unknown key 'heads'.*allowed here: data, backbone"):
+        parse_params({"heads": {}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"head": {"C": -1}}, "head.C"),
+        ({"head": {"type": "svm"}}, "head.type"),
+        ({"data": {"split": {"test_size": 1.0}}}, "data.split.test_size"),
+        ({"data": {"split": {"test_size": 0.6, "val_size": 0.5}}}, "data.split"),
+        ({"features": {"views": "rot"}}, "features.views"),
+        ({"backbone": {"taps": []}}, "backbone.taps"),
+    ],
+)
+def test_invalid_values_name_their_key(raw, key):
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    assert f"'{key}" in str(error.value)
+
+
+def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("head: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_flatten_params_uses_dotted_keys():
+    flat = flatten_params(Params())
+    assert flat["head.C"] == "1.0"
+    assert flat["data.split.seed"] == "0"
+    assert flat["backbone.taps"] == "['head']"
