@@ -29,7 +29,7 @@ test: install  ## Fast suite: unit + integration on small real data (no slow/gpu
 	@$(PY) -m pytest -m "not slow and not gpu" -q
 
 test-slow: install  ## Slow suite: real servers, real browser, full ELPV
-	@$(PY) -m pytest -m "slow and not gpu" -q
+	@$(PY) -m pytest -m "slow and not gpu" -q || [ $$? -eq 5 ]  # 5 = none collected
 
 lint: install
 	@$(VENV)/bin/ruff check src flows tests benchmarks && $(VENV)/bin/ruff format --check src flows tests benchmarks
