@@ -3,11 +3,16 @@
 # wheels are for 3.11 and pip is what finds them).
 
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# This machine's pip configuration warns once per package about unused index folders: hide that.
+PIP_NOISE := grep -v "^WARNING: Location .* is ignored" || true
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The ephemeral Prefect server migrates a fresh database on first start: slow on a busy 2-core box.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export PREFECT_LOGGING_LEVEL ?= WARNING
 export DO_NOT_TRACK := 1
 
@@ -16,8 +21,8 @@ export DO_NOT_TRACK := 1
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing headswap (first time: a few minutes; torch is large)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) -m pip install --quiet --upgrade pip 2>&1 | { $(PIP_NOISE); }
+	@$(PY) -m pip install --quiet -e '.[dev]' 2>&1 | { $(PIP_NOISE); }
 	@touch $(STAMP)
 
 install: $(STAMP)

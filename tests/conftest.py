@@ -28,6 +28,7 @@ def run(
         **os.environ,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         **(env or {}),
     }
     full_env.pop("MLFLOW_TRACKING_URI", None)
