@@ -1,0 +1,46 @@
+"""The ``predict`` flow: batch inference with the registered champion ONNX model.
+
+A thin wrapper over ``headswap.predict.predict_images`` (the same code as ``headswap predict``):
+it writes the CSV and publishes the predicted-class counts as a table artifact.
+
+    python -m flows.predict        # ephemeral Prefect, no server needed
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+
+@flow(name="predict", log_prints=True)
+def predict(folder: str, out: str = "predictions.csv") -> dict:
+    """Predict every image under ``folder`` with ``models:/<registry.model_name>@champion``.
+
+    Args:
+        folder: a folder of images (searched recursively).
+        out: the CSV to write (atomically): path, predicted class, probabilities, error.
+    """
+    from pathlib import Path
+
+    from headswap.config import load_params
+    from headswap.predict import champion_uri, predict_images
+
+    params = load_params("params.yaml")
+    result = predict_images(champion_uri(params.registry), [Path(folder)], Path(out))
+    create_table_artifact(
+        key="predicted-class-counts",
+        table=[{"class": name, "images": count} for name, count in result.class_counts.items()]
+        + [{"class": "(unreadable)", "images": result.errors}],
+        description=f"{result.rows} image(s) from {folder} scored by {result.model_uri}",
+    )
+    print(f"wrote {result.out} ({result.rows} rows, {result.errors} unreadable)")
+    return {"out": str(result.out), "rows": result.rows, "errors": result.errors,
+            "class_counts": result.class_counts, "model_uri": result.model_uri}
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    predict(sys.argv[1], *(sys.argv[2:3]))

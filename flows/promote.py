@@ -1,0 +1,45 @@
+"""The ``promote`` flow: gate the challenger against the champion and move the alias if it passes.
+
+A thin wrapper over ``headswap.promotion.promote`` (the same code as ``headswap promote``): it
+publishes the side-by-side comparison as a table artifact and returns the audit entry.
+
+    python -m flows.promote        # ephemeral Prefect, no server needed
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+
+@flow(name="promote", log_prints=True)
+def promote(version: int | None = None, force: bool = False, reason: str = "") -> dict:
+    """Re-score challenger (or ``version``) and champion on the test split; promote if the gate passes.
+
+    Args:
+        version: registered version to promote; default the one with the ``challenger`` alias.
+        force: promote even though the two versions' test-split fingerprints differ (recorded).
+        reason: why, for the audit history.
+    """
+    from headswap.config import load_params
+    from headswap.promotion import PromotionFiles, promote_version
+
+    params = load_params("params.yaml")
+    outcome = promote_version(params.registry, PromotionFiles(), version=version, force=force,
+                              reason=reason)
+    if outcome.comparison is not None:
+        create_table_artifact(
+            key="promotion-comparison",
+            table=outcome.comparison.table_rows(),
+            description=f"v{outcome.entry['new_version']} against v{outcome.entry['old_version']}",
+        )
+    create_markdown_artifact(key="promotion-decision", markdown=outcome.markdown())
+    print(outcome.summary())
+    return outcome.entry
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    promote()
