@@ -34,8 +34,13 @@ def predict(folder: str, out: str = "predictions.csv") -> dict:
         description=f"{result.rows} image(s) from {folder} scored by {result.model_uri}",
     )
     print(f"wrote {result.out} ({result.rows} rows, {result.errors} unreadable)")
-    return {"out": str(result.out), "rows": result.rows, "errors": result.errors,
-            "class_counts": result.class_counts, "model_uri": result.model_uri}
+    return {
+        "out": str(result.out),
+        "rows": result.rows,
+        "errors": result.errors,
+        "class_counts": result.class_counts,
+        "model_uri": result.model_uri,
+    }
 
 
 if __name__ == "__main__":

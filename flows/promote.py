@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 @flow(name="promote", log_prints=True)
 def promote(version: int | None = None, force: bool = False, reason: str = "") -> dict:
-    """Re-score challenger (or ``version``) and champion on the test split; promote if the gate passes.
+    """Re-score challenger (or ``version``) and champion on the test split; promote on a pass.
 
     Args:
         version: registered version to promote; default the one with the ``challenger`` alias.
@@ -25,8 +25,9 @@ def promote(version: int | None = None, force: bool = False, reason: str = "") -
     from headswap.promotion import PromotionFiles, promote_version
 
     params = load_params("params.yaml")
-    outcome = promote_version(params.registry, PromotionFiles(), version=version, force=force,
-                              reason=reason)
+    outcome = promote_version(
+        params.registry, PromotionFiles(), version=version, force=force, reason=reason
+    )
     if outcome.comparison is not None:
         create_table_artifact(
             key="promotion-comparison",

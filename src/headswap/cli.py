@@ -147,6 +147,100 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
                   f"aliases {registration.aliases} (run {registration.run_id})")
 
 
+@app.command()
+@friendly_errors
+def promote(
+    params: ParamsOption = Path("params.yaml"),
+    version: Annotated[int | None, typer.Option(help="version (default: @challenger)")] = None,
+    force: Annotated[bool, typer.Option(help="compare despite different test splits")] = False,
+    reason: Annotated[str, typer.Option(help="why, for the audit history")] = "",
+) -> None:
+    """Re-score challenger and champion on the test split; move @champion if the gate passes."""
+    from headswap.promotion import PromotionFiles, promote_version
+
+    files = PromotionFiles(PREPARED / "manifest.csv", RAW_DIR)
+    outcome = promote_version(_params(params).registry, files, version=version, force=force,
+                              reason=reason)
+    if outcome.comparison is not None:
+        _print_comparison(outcome.comparison)
+    colour = "green" if outcome.promoted else "yellow"
+    console.print(f"[bold {colour}]{outcome.message}[/]", highlight=False, soft_wrap=True)
+    if not outcome.promoted and outcome.entry:
+        raise typer.Exit(1)
+
+
+def _print_comparison(comparison) -> None:
+    from rich.table import Table
+
+    rows = comparison.table_rows()
+    n = len(comparison.champion.labels)
+    table = Table(title=f"challenger v{comparison.challenger.version} vs champion "
+                  f"v{comparison.champion.version} on {n} test images")
+    for column in rows[0]:
+        table.add_column(column, justify="right" if column in ("champion", "challenger", "delta")
+                         else "left")
+    for row in rows:
+        style = "red" if row["result"] == "FAIL" else None
+        table.add_row(*row.values(), style=style)
+    Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def history(params: ParamsOption = Path("params.yaml")) -> None:
+    """List the promotion audit history (who moved @champion, when, why, and the gate's result)."""
+    from rich.table import Table
+
+    from headswap.promotion import history as read
+
+    config = _params(params).registry
+    table = Table(title=f"{config.model_name}: promotion history")
+    for column in ("#", "time (UTC)", "action", "outcome", "from", "to", "user", "reason", "gate"):
+        table.add_column(column)
+    for entry in read(config):
+        gate = entry.get("gate") or {}
+        verdict = entry.get("refusal") or ("" if not gate else "passed" if gate["passed"] else
+                                           "failed: " + ", ".join(gate["failed"]))
+        if entry.get("forced"):
+            verdict = f"FORCED ({entry.get('override')}) {verdict}"
+        table.add_row(str(entry["seq"]), entry["time"], entry["action"], entry["outcome"],
+                      f"v{entry['old_version']}" if entry["old_version"] else "-",
+                      f"v{entry['new_version']}", entry["user"], entry["reason"], verdict)
+    Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def rollback(
+    params: ParamsOption = Path("params.yaml"),
+    reason: Annotated[str, typer.Option(help="why, for the audit history")] = "",
+) -> None:
+    """Move @champion back to the previous champion (recorded in the audit history)."""
+    from headswap.promotion import rollback as run_rollback
+
+    entry = run_rollback(_params(params).registry, reason=reason)
+    console.print(f"champion rolled back: v{entry['old_version']} -> v{entry['new_version']}")
+
+
+@app.command()
+@friendly_errors
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive)")],
+    model: Annotated[str | None, typer.Option(help="models:/<name>@<alias>, models:/<name>/<n> "
+                                              "or a .onnx file (default: the champion)")] = None,
+    out: Annotated[Path, typer.Option(help="CSV to write (atomically)")] = Path("predictions.csv"),
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Batch-predict images with a registered ONNX model; one CSV row per image."""
+    from headswap.predict import champion_uri, predict_images
+
+    uri = model or champion_uri(_params(params).registry)
+    result = predict_images(uri, inputs, out, batch_size=batch_size)
+    console.print(f"wrote {result.out}: {result.rows} rows, {result.errors} unreadable; "
+                  f"predicted {result.class_counts} with {uri}")
+
+
 @app.command("check-params")
 @friendly_errors
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:

@@ -103,12 +103,25 @@ class ExportConfig(_Section):
     parity_atol: Annotated[float, Field(gt=0)] = 1e-4
 
 
+class PromotionGateConfig(_Section):
+    """How much worse than the champion a challenger may be and still be promoted."""
+
+    accuracy_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
+    roc_auc_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
+    recall_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.05
+    ece_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.02
+    bootstrap: Annotated[int, Field(ge=0)] = 1000
+
+
 class RegistryConfig(_Section):
-    """Where the model is registered in MLflow."""
+    """Where the model is registered in MLflow, and how the champion is promoted."""
 
     model_name: Annotated[str, Field(min_length=1)] = "elpv-defects"
     experiment: Annotated[str, Field(min_length=1)] = "headswap"
     auto_promote: bool = False
+    gate: PromotionGateConfig = PromotionGateConfig()
+    lock_wait_s: Annotated[float, Field(ge=0)] = 120.0
+    lock_stale_s: Annotated[float, Field(gt=0)] = 900.0
 
 
 class Params(_Section):

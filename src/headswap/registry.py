@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from headswap.config import Params, flatten_params
+from headswap.config import Params, RegistryConfig, flatten_params
 from headswap.errors import RegistryError
 from headswap.io import atomic_write_text
 
@@ -56,7 +56,9 @@ class Registration:
 
 def tracking_uri(project_root: Path = Path(".")) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the embedded sqlite store at the project root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
+    )
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -81,7 +83,9 @@ def test_fingerprint(manifest_rows: list[dict]) -> str:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 
@@ -124,8 +128,10 @@ def with_retries(action, what: str):
 
 def _is_transient(error: Exception) -> bool:
     text = f"{type(error).__name__} {error}".lower()
-    return any(word in text for word in ("connection", "timeout", "temporarily", "max retries",
-                                         "locked", "503", "502"))
+    return any(
+        word in text
+        for word in ("connection", "timeout", "temporarily", "max retries", "locked", "503", "502")
+    )
 
 
 def _signature(size: int, n_classes: int):
@@ -134,10 +140,12 @@ def _signature(size: int, n_classes: int):
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "pixels")]),
-        outputs=Schema([
-            TensorSpec(np.dtype(np.float32), (-1, n_classes), "probabilities"),
-            TensorSpec(np.dtype(np.int64), (-1,), "label"),
-        ]),
+        outputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, n_classes), "probabilities"),
+                TensorSpec(np.dtype(np.int64), (-1,), "label"),
+            ]
+        ),
     )
 
 
@@ -156,7 +164,9 @@ def _log_run_contents(params: Params, files: StageFiles, metrics: dict, summary:
     import mlflow
 
     mlflow.log_params(flatten_params(params))
-    mlflow.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "confusion_matrix"}))
+    mlflow.log_metrics(
+        flatten_metrics({k: v for k, v in metrics.items() if k != "confusion_matrix"})
+    )
     mlflow.log_dict(summary, "data/manifest_summary.json")
     for path in (files.metrics, files.parity, files.validation, files.features_info):
         mlflow.log_artifact(str(path), "reports" if path.parent.name == "reports" else "data")
@@ -166,10 +176,41 @@ def _log_run_contents(params: Params, files: StageFiles, metrics: dict, summary:
     mlflow.log_artifact(str(files.head_meta), "head")
 
 
-def register_model(params: Params, files: StageFiles, out_path: Path) -> Registration:
-    """Log the run, register the ONNX model, set aliases and tags, write ``models/registry.json``."""
+def log_onnx_model(
+    experiment_id: str, name: str, model_path: Path, tags: dict[str, str], log_contents=None
+) -> tuple[str, str]:
+    """One MLflow run holding the ONNX model (registered as ``name``); returns (run id, version).
+
+    ``log_contents`` logs the rest of the run (params, metrics, artifacts) inside the same run.
+    """
     import mlflow
     import onnx
+
+    meta = _onnx_meta(model_path)
+    size, n_classes = int(meta["headswap.image_size"]), len(json.loads(meta["headswap.classes"]))
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.set_tags({f"headswap.{k}": v for k, v in tags.items()})
+        if log_contents is not None:
+            log_contents()
+        info = mlflow.onnx.log_model(
+            onnx.load(str(model_path)),
+            name="model",
+            registered_model_name=name,
+            signature=_signature(size, n_classes),
+            input_example=np.zeros((1, 3, size, size), dtype=np.float32),
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,
+        )
+        return run.info.run_id, str(info.registered_model_version)
+
+
+def register_model(params: Params, files: StageFiles, out_path: Path) -> Registration:
+    """Log the run, register the ONNX model, set aliases, tags and the model card.
+
+    Writes ``models/registry.json``. With ``registry.auto_promote`` the new version then goes
+    through the promotion gate against the current champion.
+    """
+    import mlflow
     from mlflow import MlflowClient
 
     from headswap.data import read_manifest
@@ -180,32 +221,83 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
     name = params.registry.model_name
     metrics = json.loads(files.metrics.read_text())
     validation = json.loads(files.validation.read_text())
-    rows = read_manifest(files.manifest)
-    tags = lineage(files, rows)
-    size = int(params.backbone.image_size or _onnx_meta(files.model)["headswap.image_size"])
+    tags = lineage(files, read_manifest(files.manifest))
 
     experiment_id = with_retries(
-        lambda: _ensure_experiment(client, params.registry.experiment, Path(".")), "create experiment"
+        lambda: _ensure_experiment(client, params.registry.experiment, Path(".")),
+        "create experiment",
     )
-
-    def log_and_register():
-        with mlflow.start_run(experiment_id=experiment_id) as run:
-            mlflow.set_tags({f"headswap.{k}": v for k, v in tags.items()})
-            _log_run_contents(params, files, metrics, validation["counts"])
-            example = np.zeros((1, 3, size, size), dtype=np.float32)
-            info = mlflow.onnx.log_model(
-                onnx.load(str(files.model)), name="model", registered_model_name=name,
-                signature=_signature(size, len(metrics["classes"])), input_example=example,
-                onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False,
-            )
-            return run.info.run_id, str(info.registered_model_version)
-
-    run_id, version = with_retries(log_and_register, "logging the MLflow run")
-    aliases = with_retries(lambda: _tag_and_alias(client, name, version, tags), "setting aliases")
-    registration = Registration(name, version, run_id, experiment_id, uri, aliases,
-                                f"models:/{name}/{version}")
+    run_id, version = with_retries(
+        lambda: log_onnx_model(
+            experiment_id,
+            name,
+            files.model,
+            tags,
+            lambda: _log_run_contents(params, files, metrics, validation["counts"]),
+        ),
+        "logging the MLflow run",
+    )
+    aliases = finish_registration(client, params.registry, version, tags)
+    head = json.loads(files.head_meta.read_text())
+    with_retries(
+        lambda: attach_model_card(client, name, version, run_id, tags, metrics, validation, head),
+        "attaching the model card",
+    )
+    if params.registry.auto_promote and CHAMPION not in aliases:
+        aliases += _auto_promote(params, version)
+    registration = Registration(
+        name, version, run_id, experiment_id, uri, aliases, f"models:/{name}/{version}"
+    )
     atomic_write_text(out_path, json.dumps(asdict(registration), indent=2))
     return registration
+
+
+def finish_registration(
+    client, registry: RegistryConfig, version: str, tags: dict[str, str]
+) -> list[str]:
+    """Lineage tags, the ``challenger`` alias, and ``champion`` if the model has none yet."""
+    from headswap.promotion import record_initial_champion
+
+    name = registry.model_name
+    with_retries(lambda: _tag_and_alias(client, name, version, tags), "setting aliases")
+    return (
+        [CHALLENGER, CHAMPION]
+        if record_initial_champion(client, registry, version)
+        else [CHALLENGER]
+    )
+
+
+def attach_model_card(
+    client,
+    name: str,
+    version: str,
+    run_id: str,
+    tags: dict[str, str],
+    metrics: dict,
+    validation: dict,
+    head: dict,
+) -> str:
+    """Log ``model_card.md`` to the run and set it as the version's description."""
+    from headswap.modelcard import as_description, render_model_card
+
+    card = render_model_card(name, version, run_id, tags, metrics, validation, head)
+    client.log_text(run_id, card, "model_card.md")
+    client.update_model_version(name, version, description=as_description(card, "model_card.md"))
+    return card
+
+
+def _auto_promote(params: Params, version: str) -> list[str]:
+    """Try the promotion gate for the version just registered; a refusal is not a failure."""
+    from headswap.promotion import PromotionFiles, promote_version
+
+    outcome = promote_version(
+        params.registry,
+        PromotionFiles(),
+        version=int(version),
+        reason="registry.auto_promote after register",
+    )
+    print(f"auto_promote: {outcome.message}")
+    return [CHAMPION] if outcome.promoted else []
 
 
 def _onnx_meta(model_path: Path) -> dict[str, str]:
@@ -215,19 +307,18 @@ def _onnx_meta(model_path: Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in proto.metadata_props}
 
 
-def _tag_and_alias(client, name: str, version: str, tags: dict[str, str]) -> list[str]:
+def _tag_and_alias(client, name: str, version: str, tags: dict[str, str]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
-    aliases = [CHALLENGER]
-    if not _alias_version(client, name, CHAMPION):
-        client.set_registered_model_alias(name, CHAMPION, version)
-        aliases.append(CHAMPION)
-    return aliases
 
 
-def _alias_version(client, name: str, alias: str) -> str | None:
+def alias_version(client, name: str, alias: str) -> str | None:
+    """The version number behind ``name@alias``, or None if the alias is not set."""
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except Exception:  # noqa: BLE001 - MLflow raises RestException/MlflowException for "no alias"
         return None
+
+
+_alias_version = alias_version  # the spine's name, kept for callers outside this module

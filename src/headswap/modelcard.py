@@ -1,0 +1,176 @@
+"""A model card per registered version, written from its lineage and its evaluation.
+
+The card is plain markdown: it is logged beside the run's other artifacts and set as the model
+version's description, so the MLflow UI shows it on the version's page.
+"""
+
+from __future__ import annotations
+
+from headswap.backbones import BUNDLED, BUNDLED_LICENSE
+
+# The model registry stores a version description in a 5000-character column.
+DESCRIPTION_LIMIT = 5000
+
+INTENDED_USE = (
+    "Screening of electroluminescence images of solar cells (or the images of the ImageFolder it "
+    "was trained on) for the classes below, as a decision aid that a person reviews. Inputs must "
+    "look like the training data: same imaging modality, framing and resolution range."
+)
+LIMITATIONS = [
+    "The body is frozen ImageNet features; only the head was trained, on the data listed here.",
+    "Metrics come from one held-out test split; the intervals show how much they could move.",
+    "Slices with few images (see n) have wide uncertainty; absent slices were not evaluated.",
+    "Probabilities are temperature-calibrated on the validation split; recalibrate after a "
+    "shift in data.",
+    "Not evaluated on other cell technologies, cameras or image corruptions.",
+]
+
+
+def backbone_license(backbone: str) -> str:
+    """The licence of the backbone's weights, as far as headswap knows it."""
+    if backbone == BUNDLED:
+        return BUNDLED_LICENSE
+    return "as published with the weights (torchvision / timm model docs): check before use"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _ci(metrics: dict, name: str) -> str:
+    interval = metrics.get("ci95", {}).get(name)
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "not computed"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(row) + " |" for row in rows],
+    ]
+
+
+def _data_section(lineage: dict, validation: dict) -> list[str]:
+    classes, counts = validation["classes"], validation["counts"]
+    rows = [[split, *[str(counts[split].get(c, 0)) for c in classes]] for split in counts]
+    return [
+        "## Data",
+        f"- data version (DVC md5): `{lineage.get('data_md5', 'unknown')}`",
+        f"- test-split fingerprint: `{lineage.get('test_fingerprint', 'unknown')}`",
+        f"- images: {validation.get('images')}, skipped as unreadable: "
+        f"{len(validation.get('skipped', []))}",
+        "",
+        *_table(["split", *classes], rows),
+    ]
+
+
+def _metrics_section(metrics: dict) -> list[str]:
+    rows = [
+        [name, _num(metrics.get(name)), _ci(metrics, name)]
+        for name in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "pr_auc")
+    ]
+    per_class = [
+        [name, _num(v["precision"]), _num(v["recall"]), _num(v["f1"]), str(v["support"])]
+        for name, v in metrics["per_class"].items()
+    ]
+    return [
+        "## Test metrics",
+        f"On {metrics['n']} held-out test images (95% bootstrap intervals).",
+        "",
+        *_table(["metric", "value", "95% CI"], rows),
+        "",
+        *_table(["class", "precision", "recall", "f1", "support"], per_class),
+    ]
+
+
+def _slices_section(metrics: dict) -> list[str]:
+    rows = [
+        [
+            f"{column}={value}",
+            str(v["n"]),
+            _num(v["accuracy"]),
+            _num(v["balanced_accuracy"]),
+            _num(v["roc_auc"]),
+        ]
+        for column, values in metrics.get("slices", {}).items()
+        for value, v in values.items()
+    ]
+    if not rows:
+        return ["## Per-slice metrics", "No slice columns were evaluated."]
+    return [
+        "## Per-slice metrics",
+        *_table(["slice", "n", "accuracy", "balanced acc.", "ROC-AUC"], rows),
+    ]
+
+
+def _confusion_section(metrics: dict) -> list[str]:
+    classes = metrics["classes"]
+    rows = [
+        [f"true {name}", *map(str, counts)]
+        for name, counts in zip(classes, metrics["confusion_matrix"], strict=True)
+    ]
+    return ["## Confusion matrix", *_table(["", *[f"pred {c}" for c in classes]], rows)]
+
+
+def _calibration_section(metrics: dict) -> list[str]:
+    return [
+        "## Calibration",
+        f"- ECE {_num(metrics['ece'])} after temperature scaling "
+        f"(T = {metrics.get('temperature', 1.0):.3f}); before: "
+        f"{_num(metrics.get('ece_uncalibrated'))}",
+        f"- decision threshold: {metrics.get('threshold')}",
+        "- reliability diagram: `plots/reliability.png` in the run's artifacts",
+    ]
+
+
+def render_model_card(
+    model_name: str,
+    version: str,
+    run_id: str,
+    lineage: dict,
+    metrics: dict,
+    validation: dict,
+    head: dict,
+) -> str:
+    """The markdown card for ``model_name`` version ``version``."""
+    backbone = lineage.get("backbone", "unknown")
+    dirty = " (uncommitted changes)" if lineage.get("git_dirty") == "true" else ""
+    lines = [
+        f"# {model_name} v{version}",
+        "",
+        f"Frozen **{backbone}** body + trained **{head.get('type', '?')}** head "
+        f"(C={head.get('C')}), exported to ONNX. MLflow run `{run_id}`.",
+        "",
+        "## Model",
+        f"- backbone: `{backbone}`, weights sha256 `{lineage.get('weights_sha256', '?')[:16]}`",
+        f"- backbone licence: {backbone_license(backbone)}",
+        f"- feature-cache key: `{lineage.get('feature_cache_key')}`",
+        f"- code: git `{lineage.get('git_commit', 'unknown')[:12]}`{dirty}",
+        f"- DVC experiment: `{lineage.get('dvc_experiment')}`; Prefect flow run: "
+        f"`{lineage.get('prefect_flow_run_id') or 'none'}`",
+        "",
+        *_data_section(lineage, validation),
+        "",
+        *_metrics_section(metrics),
+        "",
+        *_slices_section(metrics),
+        "",
+        *_confusion_section(metrics),
+        "",
+        *_calibration_section(metrics),
+        "",
+        "## Intended use",
+        INTENDED_USE,
+        "",
+        "## Limitations",
+        *[f"- {item}" for item in LIMITATIONS],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def as_description(card: str, artifact_path: str) -> str:
+    """The card, shortened to the registry's description limit with a pointer to the full file."""
+    if len(card) <= DESCRIPTION_LIMIT:
+        return card
+    note = f"\n\n(truncated: the full card is `{artifact_path}` in the run's artifacts)"
+    return card[: DESCRIPTION_LIMIT - len(note)] + note
