@@ -91,6 +91,8 @@ def download_model(model: str, dst: Path) -> Path:
 
     from headswap.registry import tracking_uri
 
+    # MLflow draws a tqdm bar per download; ours is the only progress a person needs to see.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         folder = Path(
             mlflow.artifacts.download_artifacts(

@@ -45,7 +45,7 @@ from headswap.registry import CHALLENGER, CHAMPION, alias_version, test_fingerpr
 
 AUDIT_PREFIX = "headswap.audit."
 LOCK_SUFFIX = ".promotion-lock"
-FINGERPRINT_TAG = "headswap.test_fingerprint"
+FINGERPRINT_TAG = "test_fingerprint"  # version tag set by the register stage
 PROMOTED, REFUSED, ROLLED_BACK, INITIAL = "promoted", "refused", "rolled_back", "initial"
 MOVES = (PROMOTED, ROLLED_BACK, INITIAL)
 
@@ -218,9 +218,9 @@ def _not_worse(
     if champion is None or challenger is None:
         return GateCheck(name, champion, challenger, "undefined on this test set: not gated", True)
     if higher_is_better:
-        rule, passed = f">= champion - {tolerance:g}", challenger >= champion - tolerance - 1e-12
+        rule, passed = f">= champion-{tolerance:g}", challenger >= champion - tolerance - 1e-12
     else:
-        rule, passed = f"<= champion + {tolerance:g}", challenger <= champion + tolerance + 1e-12
+        rule, passed = f"<= champion+{tolerance:g}", challenger <= champion + tolerance + 1e-12
     return GateCheck(name, champion, challenger, rule, bool(passed))
 
 
@@ -235,7 +235,7 @@ def gate_checks(champion: dict, challenger: dict, gate: PromotionGateConfig) -> 
     for name, values in champion["per_class"].items():
         theirs = challenger["per_class"].get(name, {}).get("recall")
         checks.append(
-            _not_worse(f"recall[{name}]", values["recall"], theirs, gate.recall_tolerance)
+            _not_worse(f"recall.{name}", values["recall"], theirs, gate.recall_tolerance)
         )
     checks.append(
         _not_worse(
@@ -300,17 +300,22 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _fmt_ci(interval: list[float] | None) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+
+
 def _row(check: GateCheck, ci: dict | None) -> dict[str, str]:
     delta = (
         None
         if check.champion is None or check.challenger is None
         else check.challenger - check.champion
     )
-    diff = (ci or {}).get("difference")
+    ci = ci or {}
+    diff = ci.get("difference")
     return {
         "metric": check.name,
-        "champion": _fmt(check.champion),
-        "challenger": _fmt(check.challenger),
+        "champion": _fmt(check.champion) + _fmt_ci(ci.get("champion")),
+        "challenger": _fmt(check.challenger) + _fmt_ci(ci.get("challenger")),
         "delta": "n/a" if delta is None else f"{delta:+.4f}",
         "95% CI delta": f"[{diff[0]:+.4f}, {diff[1]:+.4f}]" if diff else "",
         "rule": check.rule,

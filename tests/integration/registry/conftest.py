@@ -1,0 +1,199 @@
+"""Fixtures for the registry tests: a real `mlflow server`, tiny real ONNX models, real images.
+
+The tiny models are genuine ONNX graphs with headswap's interface (float32 NCHW pixels in,
+``probabilities`` + ``label`` out, ``headswap.*`` metadata): p(bright) = sigmoid(slope *
+(mean brightness - cut)). They go through the real register code (``registry.log_onnx_model``
++ ``registry.finish_registration``), so promotion, rollback and prediction are exercised on real
+MLflow stores in seconds; the slow tests do the same with models built by the real pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_SIZE = 16
+TINY_CLASSES = ["dark", "bright"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 (free port), sqlite backend + proxied artifacts in a tmp dir.
+
+    Yields the tracking URI; the server is stopped (its whole process group) afterwards.
+    """
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts")]
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed after the server stops
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(uri, server, root / "server.log")
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_healthy(uri: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited ({server.returncode}):\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"mlflow server not healthy after {timeout_s}s:\n{log.read_text()}")
+
+
+def tiny_model(path: Path, slope: float, cut: float) -> Path:
+    """A real ONNX classifier on mean brightness, with the metadata headswap models carry."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weights = helper.make_tensor("W", TensorProto.FLOAT, [1, 2], [0.0, slope])
+    bias = helper.make_tensor("B", TensorProto.FLOAT, [2], [0.0, -slope * cut])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1])
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0])
+    nodes = [
+        helper.make_node("ReduceMean", ["pixels"], ["mean4"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Reshape", ["mean4", "shape"], ["mean"]),
+        helper.make_node("Div", ["mean", "scale"], ["x"]),
+        helper.make_node("MatMul", ["x", "W"], ["z"]),
+        helper.make_node("Add", ["z", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, TINY_SIZE, TINY_SIZE])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2]),
+         helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])],
+        [weights, bias, shape, scale],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in {"headswap.classes": json.dumps(TINY_CLASSES),
+                       "headswap.image_size": str(TINY_SIZE),
+                       "headswap.interpolation": "bilinear"}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_images(raw: Path, per_class: int = 20, seed: int = 0) -> list[dict]:
+    """Noisy grey images whose brightness overlaps between the classes; manifest rows (all test)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, (low, high) in {"dark": (40, 150), "bright": (110, 220)}.items():
+        (raw / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            level = rng.uniform(low, high)
+            pixels = np.clip(rng.normal(level, 20, (24, 24)), 0, 255).astype(np.uint8)
+            path = raw / label / f"{label}{i:03d}.png"
+            Image.fromarray(pixels, mode="L").save(path)
+            rows.append({"path": f"{label}/{path.name}", "label": label, "split": "test",
+                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "sha256", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@dataclass
+class TinyRegistry:
+    """A workspace (images + manifest) and a model name in one MLflow store."""
+
+    root: Path
+    rows: list[dict]
+    registry: object  # RegistryConfig
+    files: object  # PromotionFiles
+
+    def register(self, slope: float, cut: float, fingerprint: str | None = None) -> str:
+        """Register a tiny model through the register stage's own functions; returns its version."""
+        from headswap.registry import (
+            _ensure_experiment,
+            finish_registration,
+            log_onnx_model,
+            test_fingerprint,
+        )
+        from headswap.promotion import client
+
+        mlflow_client = client()
+        path = tiny_model(self.root / f"model-{uuid.uuid4().hex[:8]}.onnx", slope, cut)
+        tags = {"test_fingerprint": fingerprint or test_fingerprint(self.rows),
+                "backbone": "tiny-brightness"}
+        experiment = _ensure_experiment(mlflow_client, "headswap-tests", self.root)
+        _, version = log_onnx_model(experiment, self.registry.model_name, path, tags)
+        finish_registration(mlflow_client, self.registry, version, tags)
+        return version
+
+
+GOOD = (20.0, 0.51)  # slope, cut: the cut sits between the two brightness ranges
+WORSE = (20.0, 0.75)  # calls most bright images dark: lower accuracy and bright recall
+INVERTED = (-20.0, 0.51)  # backwards: worse than GOOD on every metric and every class
+
+
+@pytest.fixture(scope="module")
+def tiny_workspace(tmp_path_factory):
+    """Images + manifest in a tmp folder that is the cwd, so the embedded sqlite default is used."""
+    root = tmp_path_factory.mktemp("tiny-registry")
+    rows = write_images(root / "data" / "raw")
+    write_manifest(root / "data" / "prepared" / "manifest.csv", rows)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        yield root, rows
+
+
+@pytest.fixture
+def tiny_registry(tiny_workspace, request) -> TinyRegistry:
+    """A fresh model name per test in the module's store (fast; no cross-test interference)."""
+    from headswap.config import RegistryConfig
+    from headswap.promotion import PromotionFiles
+
+    root, rows = tiny_workspace
+    name = f"tiny-{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
+    registry = RegistryConfig(model_name=name, lock_wait_s=60, gate={"bootstrap": 200})
+    return TinyRegistry(root, rows, registry, PromotionFiles())
