@@ -7,15 +7,18 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn import metrics as skm
 
 from headswap.config import EvaluateConfig
 from headswap.data import read_manifest
-from headswap.features import FeatureSet
-from headswap.heads import Head, HeadMeta, predict_proba
 from headswap.io import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # torch-backed; imported where used so the metric functions stay light
+    from headswap.features import FeatureSet
+    from headswap.heads import Head, HeadMeta
 
 ECE_BINS = 15
 
@@ -132,6 +135,8 @@ def slice_metrics(rows: list[dict], probabilities: np.ndarray, labels: np.ndarra
 def evaluate_head(head: Head, meta: HeadMeta, features: FeatureSet, manifest_path: Path,
                   config: EvaluateConfig, reports_dir: Path) -> EvaluateResult:
     """Score the test split; write metrics.json, predictions.csv and the plots."""
+    from headswap.heads import predict_proba
+
     index = {name: i for i, name in enumerate(meta.classes)}
     embeddings, label_names = features.select("test")
     labels = np.array([index[name] for name in label_names])
@@ -163,6 +168,8 @@ def evaluate_head(head: Head, meta: HeadMeta, features: FeatureSet, manifest_pat
 
 
 def _probabilities_at_temperature(head: Head, embeddings: np.ndarray, temperature: float) -> np.ndarray:
+    from headswap.heads import predict_proba
+
     saved = float(head.temperature)
     head.temperature.fill_(temperature)
     try:

@@ -165,14 +165,31 @@ def _interval(values: list[float]) -> list[float] | None:
     )
 
 
+def rank_auc(probabilities: np.ndarray, labels: np.ndarray) -> float | None:
+    """ROC-AUC as evaluate.roc_auc defines it, from ranks (Mann-Whitney U), without sklearn's
+    per-call validation: the bootstrap calls it thousands of times."""
+    from scipy.stats import rankdata
+
+    present = np.unique(labels)
+    n_classes = probabilities.shape[1]
+    if len(present) < 2 or (n_classes > 2 and len(present) < n_classes):
+        return None
+    columns = [1] if n_classes == 2 else range(n_classes)
+    aucs = []
+    for k in columns:
+        positive = labels == k
+        ranks = rankdata(probabilities[:, k])
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        aucs.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs))
+
+
 def paired_bootstrap(champion: Scores, challenger: Scores, rounds: int, seed: int = 0) -> dict:
     """95% percentile intervals of accuracy and ROC-AUC for both models and their difference.
 
     Both models are scored on the *same* resampled test sets, so the difference's interval
     reflects how much they disagree, not the test set's own sampling noise twice over.
     """
-    from headswap.evaluate import roc_auc
-
     rng = np.random.default_rng(seed)
     labels = champion.labels
     out: dict[str, dict] = {}
@@ -185,8 +202,8 @@ def paired_bootstrap(champion: Scores, challenger: Scores, rounds: int, seed: in
                 b = float((challenger.predictions[idx] == labels[idx]).mean())
             else:
                 a, b = (
-                    roc_auc(champion.probabilities[idx], labels[idx]),
-                    roc_auc(challenger.probabilities[idx], labels[idx]),
+                    rank_auc(champion.probabilities[idx], labels[idx]),
+                    rank_auc(challenger.probabilities[idx], labels[idx]),
                 )
                 if a is None or b is None:
                     continue
@@ -234,9 +251,7 @@ def gate_checks(champion: dict, challenger: dict, gate: PromotionGateConfig) -> 
     ]
     for name, values in champion["per_class"].items():
         theirs = challenger["per_class"].get(name, {}).get("recall")
-        checks.append(
-            _not_worse(f"recall.{name}", values["recall"], theirs, gate.recall_tolerance)
-        )
+        checks.append(_not_worse(f"recall.{name}", values["recall"], theirs, gate.recall_tolerance))
     checks.append(
         _not_worse(
             "ece", champion["ece"], challenger["ece"], gate.ece_tolerance, higher_is_better=False

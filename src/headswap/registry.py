@@ -195,7 +195,6 @@ def log_onnx_model(
         info = mlflow.onnx.log_model(
             onnx.load(str(model_path)),
             name="model",
-            registered_model_name=name,
             signature=_signature(size, n_classes),
             input_example=np.zeros((1, 3, size, size), dtype=np.float32),
             onnx_execution_providers=["CPUExecutionProvider"],
@@ -203,7 +202,10 @@ def log_onnx_model(
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),
             save_as_external_data=False,
         )
-        return run.info.run_id, str(info.registered_model_version)
+    # The version is created with its lineage tags in one request, so a server lost between
+    # two calls can never leave a version without them; aliases come later.
+    version = mlflow.register_model(info.model_uri, name, tags=tags).version
+    return run.info.run_id, str(version)
 
 
 def register_model(params: Params, files: StageFiles, out_path: Path) -> Registration:
@@ -239,7 +241,7 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
         ),
         "logging the MLflow run",
     )
-    aliases = finish_registration(client, params.registry, version, tags)
+    aliases = finish_registration(client, params.registry, version)
     head = json.loads(files.head_meta.read_text())
     with_retries(
         lambda: attach_model_card(client, name, version, run_id, tags, metrics, validation, head),
@@ -254,19 +256,17 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
     return registration
 
 
-def finish_registration(
-    client, registry: RegistryConfig, version: str, tags: dict[str, str]
-) -> list[str]:
-    """Lineage tags, the ``challenger`` alias, and ``champion`` if the model has none yet."""
+def finish_registration(client, registry: RegistryConfig, version: str) -> list[str]:
+    """Set ``challenger`` on the new version, and ``champion`` if the model has none yet."""
     from headswap.promotion import record_initial_champion
 
     name = registry.model_name
-    with_retries(lambda: _tag_and_alias(client, name, version, tags), "setting aliases")
-    return (
-        [CHALLENGER, CHAMPION]
-        if record_initial_champion(client, registry, version)
-        else [CHALLENGER]
+    with_retries(
+        lambda: client.set_registered_model_alias(name, CHALLENGER, version), "setting aliases"
     )
+    if record_initial_champion(client, registry, version):
+        return [CHALLENGER, CHAMPION]
+    return [CHALLENGER]
 
 
 def attach_model_card(
@@ -307,12 +307,6 @@ def _onnx_meta(model_path: Path) -> dict[str, str]:
 
     proto = onnx.load(str(model_path), load_external_data=False)
     return {prop.key: prop.value for prop in proto.metadata_props}
-
-
-def _tag_and_alias(client, name: str, version: str, tags: dict[str, str]) -> None:
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, CHALLENGER, version)
 
 
 def alias_version(client, name: str, alias: str) -> str | None:

@@ -165,7 +165,7 @@ class TinyRegistry:
                 "backbone": "tiny-brightness"}
         experiment = _ensure_experiment(mlflow_client, "headswap-tests", self.root)
         _, version = log_onnx_model(experiment, self.registry.model_name, path, tags)
-        finish_registration(mlflow_client, self.registry, version, tags)
+        finish_registration(mlflow_client, self.registry, version)
         return version
 
 
