@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from tests.integration.registry.conftest import GOOD, INVERTED, WORSE
+from registry_gate.conftest import GOOD, INVERTED, WORSE
 
 
 def champion(reg) -> str | None:
@@ -56,8 +56,10 @@ def test_worse_challenger_is_refused_and_the_refusal_is_audited(tiny_registry):
     assert not outcome.promoted
     assert champion(tiny_registry) == good
     assert "accuracy" in outcome.comparison.failed and "recall.bright" in outcome.comparison.failed
-    assert outcome.comparison.challenger.metrics["accuracy"] < outcome.comparison.champion.metrics[
-        "accuracy"]
+    assert (
+        outcome.comparison.challenger.metrics["accuracy"]
+        < outcome.comparison.champion.metrics["accuracy"]
+    )
     last = audit(tiny_registry)[-1]
     assert (last["outcome"], last["old_version"], last["new_version"]) == ("refused", good, worse)
     assert last["reason"] == "try worse" and last["gate"]["passed"] is False
@@ -79,7 +81,10 @@ def test_better_challenger_is_promoted_and_rollback_restores_the_old_champion(ti
     entry = rollback(tiny_registry.registry, reason="incident 42")
     assert champion(tiny_registry) == worse
     assert (entry["outcome"], entry["old_version"], entry["new_version"]) == (
-        "rolled_back", better, worse)
+        "rolled_back",
+        better,
+        worse,
+    )
     assert [e["outcome"] for e in audit(tiny_registry)] == ["initial", "promoted", "rolled_back"]
 
 
@@ -100,8 +105,9 @@ def test_different_test_fingerprints_refuse_unless_forced_and_force_is_recorded(
     assert not refused.promoted and refused.comparison is None
     assert "fingerprints differ" in refused.message and champion(tiny_registry) == good
 
-    forced = promote_version(tiny_registry.registry, tiny_registry.files, force=True,
-                             reason="same images, re-hashed")
+    forced = promote_version(
+        tiny_registry.registry, tiny_registry.files, force=True, reason="same images, re-hashed"
+    )
     assert forced.promoted and champion(tiny_registry) == other
     last = audit(tiny_registry)[-1]
     assert last["forced"] is True and "fingerprints differ" in last["override"]
@@ -118,8 +124,12 @@ def test_two_concurrent_promotions_leave_one_consistent_champion(tiny_registry):
 
     def attempt(version: str) -> None:
         try:
-            results[version] = promote_version(tiny_registry.registry, tiny_registry.files,
-                                               version=int(version), reason=f"race {version}")
+            results[version] = promote_version(
+                tiny_registry.registry,
+                tiny_registry.files,
+                version=int(version),
+                reason=f"race {version}",
+            )
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
@@ -143,9 +153,9 @@ def test_a_held_lock_makes_a_second_promotion_wait_then_refuse(tiny_registry):
     tiny_registry.register(*GOOD)
     tiny_registry.register(*GOOD)
     impatient = tiny_registry.registry.model_copy(update={"lock_wait_s": 1.0})
-    with promotion_lock(client(), tiny_registry.registry):
-        with pytest.raises(PromotionLockedError, match="holds the lock"):
-            promote_version(impatient, tiny_registry.files)
+    held = promotion_lock(client(), tiny_registry.registry)
+    with held, pytest.raises(PromotionLockedError, match="holds the lock"):
+        promote_version(impatient, tiny_registry.files)
     assert promote_version(impatient, tiny_registry.files).promoted  # released afterwards
 
 
@@ -154,8 +164,9 @@ def test_a_stale_lock_from_a_dead_process_is_broken(tiny_registry):
 
     tiny_registry.register(*GOOD)
     tiny_registry.register(*GOOD)
-    client().create_registered_model(f"{tiny_registry.registry.model_name}{LOCK_SUFFIX}",
-                                     tags={"token": "dead", "acquired": "0"})
+    client().create_registered_model(
+        f"{tiny_registry.registry.model_name}{LOCK_SUFFIX}", tags={"token": "dead", "acquired": "0"}
+    )
     quick = tiny_registry.registry.model_copy(update={"lock_wait_s": 5.0, "lock_stale_s": 60.0})
     assert promote_version(quick, tiny_registry.files).promoted
 
@@ -168,8 +179,9 @@ def test_the_champion_loads_and_predicts_with_a_row_per_image(tiny_registry, tmp
     bad = folder / "bright" / "zz-broken.png"
     bad.write_bytes(b"not a png")
     try:
-        result = predict_images(champion_uri(tiny_registry.registry), [folder], tmp_path / "p.csv",
-                                batch_size=7)
+        result = predict_images(
+            champion_uri(tiny_registry.registry), [folder], tmp_path / "p.csv", batch_size=7
+        )
     finally:
         bad.unlink()
     with open(tmp_path / "p.csv", newline="") as handle:
@@ -180,6 +192,7 @@ def test_the_champion_loads_and_predicts_with_a_row_per_image(tiny_registry, tmp
     good_rows = [row for row in rows if not row["error"]]
     assert all(row["predicted"] in ("dark", "bright") for row in good_rows)
     accuracy = sum(row["path"].split("/")[0] == row["predicted"] for row in good_rows) / len(
-        good_rows)
+        good_rows
+    )
     assert accuracy > 0.7  # the brightness model is good, not random, on these images
     assert result.errors == 1 and sum(result.class_counts.values()) == len(good_rows)

@@ -43,10 +43,20 @@ def mlflow_server(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--artifacts-destination", str(root / "artifacts")]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed after the server stops
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -95,17 +105,26 @@ def tiny_model(path: Path, slope: float, cut: float) -> Path:
         helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, TINY_SIZE, TINY_SIZE])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2]),
-         helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])],
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info(
+                "pixels", TensorProto.FLOAT, ["batch", 3, TINY_SIZE, TINY_SIZE]
+            )
+        ],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+        ],
         [weights, bias, shape, scale],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    for key, value in {"headswap.classes": json.dumps(TINY_CLASSES),
-                       "headswap.image_size": str(TINY_SIZE),
-                       "headswap.interpolation": "bilinear"}.items():
+    for key, value in {
+        "headswap.classes": json.dumps(TINY_CLASSES),
+        "headswap.image_size": str(TINY_SIZE),
+        "headswap.interpolation": "bilinear",
+    }.items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -125,8 +144,14 @@ def write_images(raw: Path, per_class: int = 20, seed: int = 0) -> list[dict]:
             pixels = np.clip(rng.normal(level, 20, (24, 24)), 0, 255).astype(np.uint8)
             path = raw / label / f"{label}{i:03d}.png"
             Image.fromarray(pixels, mode="L").save(path)
-            rows.append({"path": f"{label}/{path.name}", "label": label, "split": "test",
-                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+            rows.append(
+                {
+                    "path": f"{label}/{path.name}",
+                    "label": label,
+                    "split": "test",
+                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                }
+            )
     return rows
 
 
@@ -151,18 +176,20 @@ class TinyRegistry:
 
     def register(self, slope: float, cut: float, fingerprint: str | None = None) -> str:
         """Register a tiny model through the register stage's own functions; returns its version."""
+        from headswap.promotion import client
         from headswap.registry import (
             _ensure_experiment,
             finish_registration,
             log_onnx_model,
             test_fingerprint,
         )
-        from headswap.promotion import client
 
         mlflow_client = client()
         path = tiny_model(self.root / f"model-{uuid.uuid4().hex[:8]}.onnx", slope, cut)
-        tags = {"test_fingerprint": fingerprint or test_fingerprint(self.rows),
-                "backbone": "tiny-brightness"}
+        tags = {
+            "test_fingerprint": fingerprint or test_fingerprint(self.rows),
+            "backbone": "tiny-brightness",
+        }
         experiment = _ensure_experiment(mlflow_client, "headswap-tests", self.root)
         _, version = log_onnx_model(experiment, self.registry.model_name, path, tags)
         finish_registration(mlflow_client, self.registry, version)
@@ -194,6 +221,8 @@ def tiny_registry(tiny_workspace, request) -> TinyRegistry:
     from headswap.promotion import PromotionFiles
 
     root, rows = tiny_workspace
-    name = f"tiny-{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
+    name = (
+        f"tiny-{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
+    )
     registry = RegistryConfig(model_name=name, lock_wait_s=60, gate={"bootstrap": 200})
     return TinyRegistry(root, rows, registry, PromotionFiles())
