@@ -45,6 +45,9 @@ from headswap.registry import CHALLENGER, CHAMPION, alias_version, test_fingerpr
 
 AUDIT_PREFIX = "headswap.audit."
 LOCK_SUFFIX = ".promotion-lock"
+MAX_TAG_CHARS = (
+    5000  # registered-model tag values are a 5000-character column in MLflow's SQL stores
+)
 FINGERPRINT_TAG = "test_fingerprint"  # version tag set by the register stage
 PROMOTED, REFUSED, ROLLED_BACK, INITIAL = "promoted", "refused", "rolled_back", "initial"
 MOVES = (PROMOTED, ROLLED_BACK, INITIAL)
@@ -433,8 +436,10 @@ def promotion_lock(mlflow_client, registry: RegistryConfig) -> Iterator[str]:
     try:
         yield token
     finally:
-        with contextlib.suppress(Exception):
-            mlflow_client.delete_registered_model(lock)
+        # Only release our own lock: had ours been broken as stale, the lock is someone else's.
+        if _holder(mlflow_client, lock).get("token") == token:
+            with contextlib.suppress(Exception):
+                mlflow_client.delete_registered_model(lock)
 
 
 def read_history(mlflow_client, name: str) -> list[dict]:
@@ -452,9 +457,12 @@ def append_audit(mlflow_client, name: str, entry: dict) -> dict:
     """Add ``entry`` with the next sequence number; call only while holding the lock."""
     history = read_history(mlflow_client, name)
     entry = {"seq": (history[-1]["seq"] + 1) if history else 1, **entry}
-    mlflow_client.set_registered_model_tag(
-        name, f"{AUDIT_PREFIX}{entry['seq']:06d}", json.dumps(entry, separators=(",", ":"))
-    )
+    text = json.dumps(entry, separators=(",", ":"))
+    if len(text) > MAX_TAG_CHARS and entry.get("gate"):
+        # Many classes: keep the verdict and the failed checks, drop the per-check values.
+        entry["gate"] = {k: v for k, v in entry["gate"].items() if k != "values"}
+        text = json.dumps(entry, separators=(",", ":"))
+    mlflow_client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{entry['seq']:06d}", text)
     return entry
 
 
@@ -478,6 +486,20 @@ def _move_champion(mlflow_client, name: str, version: str) -> None:
     # Read back: the alias is the single source of truth, so the audit must match it.
     if alias_version(mlflow_client, name, CHAMPION) != version:
         raise RegistryError(f"moved {name}@{CHAMPION} to v{version}, but it reads back otherwise")
+
+
+def _move_and_record(mlflow_client, name: str, old: str, new: str, record: dict) -> dict:
+    """Move the alias and append its audit entry; undo the move if the entry cannot be written,
+    so the registry never shows a champion that the history does not explain."""
+    from headswap.registry import with_retries
+
+    _move_champion(mlflow_client, name, new)
+    try:
+        return with_retries(lambda: append_audit(mlflow_client, name, record), "writing the audit")
+    except Exception:
+        with contextlib.suppress(Exception):
+            mlflow_client.set_registered_model_alias(name, CHAMPION, old)
+        raise
 
 
 def record_initial_champion(mlflow_client, registry: RegistryConfig, version: str) -> bool:
@@ -621,23 +643,21 @@ def _gate_and_move(
         registry.gate,
     )
     outcome = PROMOTED if comparison.passed else REFUSED
-    if comparison.passed:
-        _move_champion(mlflow_client, name, challenger)
-    entry = append_audit(
-        mlflow_client,
-        name,
-        _entry(
-            "promote",
-            outcome,
-            champion,
-            challenger,
-            reason,
-            forced=bool(force and problem),
-            override=problem if force else None,
-            gate=comparison.audit_summary(),
-            test_fingerprint=test_set.fingerprint,
-        ),
+    record = _entry(
+        "promote",
+        outcome,
+        champion,
+        challenger,
+        reason,
+        forced=bool(force and problem),
+        override=problem if force else None,
+        gate=comparison.audit_summary(),
+        test_fingerprint=test_set.fingerprint,
     )
+    if comparison.passed:
+        entry = _move_and_record(mlflow_client, name, champion, challenger, record)
+    else:
+        entry = append_audit(mlflow_client, name, record)
     message = (
         f"v{challenger} promoted to champion (was v{champion})"
         if comparison.passed
@@ -683,12 +703,8 @@ def rollback(registry: RegistryConfig, reason: str = "") -> dict:
             )
         target = stack[-2]
         _require_version(mlflow_client, name, target)
-        _move_champion(mlflow_client, name, target)
-        return append_audit(
-            mlflow_client,
-            name,
-            _entry("rollback", ROLLED_BACK, current, target, reason or "rollback"),
-        )
+        record = _entry("rollback", ROLLED_BACK, current, target, reason or "rollback")
+        return _move_and_record(mlflow_client, name, current, target, record)
 
 
 def history(registry: RegistryConfig) -> list[dict]:
