@@ -169,6 +169,11 @@ def promote(
         raise typer.Exit(1)
 
 
+def _wide_console() -> Console:
+    """Tables on stdout; when piped or captured, wide enough that no cell wraps mid-word."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
 def _print_comparison(comparison) -> None:
     from rich.table import Table
 
@@ -182,7 +187,7 @@ def _print_comparison(comparison) -> None:
     for row in rows:
         style = "red" if row["result"] == "FAIL" else None
         table.add_row(*row.values(), style=style)
-    Console().print(table)
+    _wide_console().print(table)
 
 
 @app.command()
@@ -206,7 +211,7 @@ def history(params: ParamsOption = Path("params.yaml")) -> None:
         table.add_row(str(entry["seq"]), entry["time"], entry["action"], entry["outcome"],
                       f"v{entry['old_version']}" if entry["old_version"] else "-",
                       f"v{entry['new_version']}", entry["user"], entry["reason"], verdict)
-    Console().print(table)
+    _wide_console().print(table)
 
 
 @app.command()

@@ -13,8 +13,8 @@ DESCRIPTION_LIMIT = 5000
 
 INTENDED_USE = (
     "Screening of electroluminescence images of solar cells (or the images of the ImageFolder it "
-    "was trained on) for the classes below, as a decision aid that a person reviews. Inputs must "
-    "look like the training data: same imaging modality, framing and resolution range."
+    "was trained on) for the classes listed under Data, as a decision aid that a person reviews. "
+    "Inputs must look like the training data: same imaging modality, framing and resolution range."
 )
 LIMITATIONS = [
     "The body is frozen ImageNet features; only the head was trained, on the data listed here.",
@@ -39,7 +39,7 @@ def _num(value) -> str:
 
 def _ci(metrics: dict, name: str) -> str:
     interval = metrics.get("ci95", {}).get(name)
-    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "not computed"
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "-"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
