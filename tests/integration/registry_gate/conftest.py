@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+REPO = Path(__file__).resolve().parents[3]
 TINY_SIZE = 16
 TINY_CLASSES = ["dark", "bright"]
 

@@ -196,3 +196,52 @@ def test_the_champion_loads_and_predicts_with_a_row_per_image(tiny_registry, tmp
     )
     assert accuracy > 0.7  # the brightness model is good, not random, on these images
     assert result.errors == 1 and sum(result.class_counts.values()) == len(good_rows)
+
+
+@pytest.mark.slow  # starts an ephemeral Prefect server
+def test_prefect_promote_and_predict_flows(tiny_registry, tmp_path):
+    """The thin flows publish their artifacts and return what the CLI would have printed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from registry_gate.conftest import REPO
+
+    tiny_registry.register(*GOOD)
+    tiny_registry.register(*INVERTED)
+    params = {
+        "registry": {"model_name": tiny_registry.registry.model_name, "gate": {"bootstrap": 100}}
+    }
+    (tiny_registry.root / "params.yaml").write_text(yaml.safe_dump(params))
+    script = (
+        "import json; from flows.promote import promote; from flows.predict import predict\n"
+        "entry = promote(reason='flow')\n"
+        f"result = predict('data/raw', {str(tmp_path / 'flow.csv')!r})\n"
+        "print('RESULT', json.dumps({'entry': entry, 'predict': result}))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tiny_registry.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert result["entry"]["outcome"] == "refused" and result["entry"]["new_version"] == "2"
+    assert champion(tiny_registry) == "1"
+    assert result["predict"]["rows"] == len(tiny_registry.rows) == 40
+    assert sum(result["predict"]["class_counts"].values()) == 40
+    assert len((tmp_path / "flow.csv").read_text().splitlines()) == 41

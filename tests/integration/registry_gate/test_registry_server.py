@@ -193,18 +193,3 @@ def test_champion_predicts_what_the_evaluate_stage_reported(server_workspace, tm
         assert got["predicted"] == row["predicted"], row["path"]
         for column in ("p_functional", "p_defective"):
             assert float(got[column]) == pytest.approx(float(row[column]), abs=1e-4)
-
-
-def test_prefect_promote_and_predict_flows(server_workspace, tmp_path):
-    ws = server_workspace
-    script = (
-        "import json; from flows.promote import promote; from flows.predict import predict\n"
-        "entry = promote(version=1, reason='flow')\n"
-        f"result = predict('data/raw', {str(tmp_path / 'flow.csv')!r})\n"
-        "print('RESULT', json.dumps({'entry': entry, 'predict': result}))\n"
-    )
-    output = ws.run(sys.executable, "-c", script).stdout
-    result = json.loads(output.split("RESULT ", 1)[1])
-    assert result["entry"]["outcome"] == "refused" and ws.champion() == "2"
-    assert result["predict"]["rows"] == 40 and sum(result["predict"]["class_counts"].values()) == 40
-    assert len((tmp_path / "flow.csv").read_text().splitlines()) == 41
