@@ -72,7 +72,11 @@ def prepare(params: ParamsOption = Path("params.yaml")) -> None:
     result = run_prepare(_params(params).data, RAW_DIR, PREPARED)
     console.print(f"manifest: {result.manifest} {result.class_counts}")
     if result.skipped:
-        console.print(f"[yellow]skipped {result.skipped} unreadable file(s); reasons in {result.report}[/]")
+        console.print(f"[yellow]skipped {result.skipped} unreadable file(s) (data.on_bad_image: "
+                      f"skip); listed in {result.report}:[/]", highlight=False)
+        for item in result.skipped_files:
+            console.print(f"  skipped {item['path']}: {item['reason']}", highlight=False,
+                          markup=False, soft_wrap=True)
 
 
 @app.command()
