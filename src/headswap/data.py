@@ -62,8 +62,8 @@ def _elpv_records(max_per_class: int | None) -> list[tuple[Path, str, dict[str, 
 def _folder_records(root: Path, max_per_class: int | None) -> list[tuple[Path, str, dict]]:
     if not root.is_dir():
         raise DataError(
-            f"data.source: '{root}' is not a directory. Give 'elpv' or the path of an "
-            "ImageFolder directory laid out as <class>/<image files>."
+            f"data.source: '{root}' is not a directory (allowed: 'elpv', or the path of an "
+            "ImageFolder directory laid out as <class>/<image files>)"
         )
     records = [
         (path, class_dir.name, {})
@@ -311,6 +311,8 @@ def prepare(config: DataConfig, raw_dir: Path, out_dir: Path) -> PrepareResult:
     Raises:
         DataError: a bad image under ``on_bad_image: fail``, or a dataset-level problem.
     """
+    if not raw_dir.is_dir():
+        raise DataError(_missing_raw_message(raw_dir, config.source))
     scan = _scan(raw_dir)
     if scan.skipped and config.on_bad_image == "fail":
         raise DataError(_fail_message(scan.skipped, raw_dir))
@@ -342,6 +344,15 @@ def prepare(config: DataConfig, raw_dir: Path, out_dir: Path) -> PrepareResult:
     return PrepareResult(
         manifest, out_dir / "validation.json", counts, len(scan.skipped), tuple(scan.skipped)
     )
+
+
+def _missing_raw_message(raw_dir: Path, source: str) -> str:
+    if source != "elpv" and not Path(source).expanduser().is_dir():
+        return (
+            f"{raw_dir} does not exist, and data.source: '{source}' is not a directory (allowed: "
+            "'elpv', or the path of an ImageFolder <class>/<image files>)"
+        )
+    return f"{raw_dir} does not exist: run `headswap ingest` (or `make run`) first"
 
 
 def _fail_message(skipped: list[dict], raw_dir: Path) -> str:
