@@ -151,6 +151,16 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
                   f"aliases {registration.aliases} (run {registration.run_id})")
 
 
+@app.command()
+@friendly_errors
+def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages (default: all)")] = None
+          ) -> None:
+    """`dvc repro` that waits while another run holds the workspace lock, instead of failing."""
+    from headswap.workspace import repro as run_repro
+
+    raise typer.Exit(run_repro(targets or []))
+
+
 @app.command("check-params")
 @friendly_errors
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:
