@@ -128,6 +128,27 @@ def _is_transient(error: Exception) -> bool:
                                          "locked", "503", "502"))
 
 
+def gate_tags(parity_path: Path, validation: dict) -> dict[str, str]:
+    """Tags recording the gates this model passed; refuses a model whose ONNX parity failed.
+
+    Raises:
+        RegistryError: the parity report is missing or says the check failed.
+    """
+    parity = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
+    if parity.get("passed") is not True:
+        raise RegistryError(
+            f"{parity_path}: the ONNX parity check did not pass (max |onnx - torch| "
+            f"{parity.get('max_abs_diff', 'unknown')}, export.parity_atol "
+            f"{parity.get('atol', 'unknown')}); refusing to register or alias this model. "
+            "Re-run `dvc repro export` and fix the export first."
+        )
+    return {
+        "parity_passed": "true",
+        "parity_max_abs_diff": f"{parity['max_abs_diff']:.3e}",
+        "skipped_files": str(len(validation.get("skipped", []))),
+    }
+
+
 def _signature(size: int, n_classes: int):
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -181,7 +202,7 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
     metrics = json.loads(files.metrics.read_text())
     validation = json.loads(files.validation.read_text())
     rows = read_manifest(files.manifest)
-    tags = lineage(files, rows)
+    tags = {**lineage(files, rows), **gate_tags(files.parity, validation)}
     size = int(params.backbone.image_size or _onnx_meta(files.model)["headswap.image_size"])
 
     experiment_id = with_retries(
@@ -193,15 +214,22 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
             mlflow.set_tags({f"headswap.{k}": v for k, v in tags.items()})
             _log_run_contents(params, files, metrics, validation["counts"])
             example = np.zeros((1, 3, size, size), dtype=np.float32)
+            mlflow.log_metric("data.skipped_files", len(validation.get("skipped", [])))
             info = mlflow.onnx.log_model(
-                onnx.load(str(files.model)), name="model", registered_model_name=name,
+                onnx.load(str(files.model)), name="model",
                 signature=_signature(size, len(metrics["classes"])), input_example=example,
                 onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False,
             )
-            return run.info.run_id, str(info.registered_model_version)
+            return run.info.run_id, info.model_uri
 
-    run_id, version = with_retries(log_and_register, "logging the MLflow run")
-    aliases = with_retries(lambda: _tag_and_alias(client, name, version, tags), "setting aliases")
+    run_id, model_uri = with_retries(log_and_register, "logging the MLflow run")
+    # The version is created with its lineage and gate tags in one request, so a server lost
+    # between two calls can never leave a version without them; aliases come last.
+    version = with_retries(
+        lambda: str(mlflow.register_model(model_uri, name, tags=tags).version),
+        "registering the model version",
+    )
+    aliases = with_retries(lambda: _tag_and_alias(client, name, version, {}), "setting aliases")
     registration = Registration(name, version, run_id, experiment_id, uri, aliases,
                                 f"models:/{name}/{version}")
     atomic_write_text(out_path, json.dumps(asdict(registration), indent=2))
