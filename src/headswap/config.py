@@ -98,7 +98,8 @@ class FeaturesConfig(_Section):
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     workers: Annotated[int, Field(ge=0, le=64)] = 2
     cache_dir: str | None = None
-    executor: Literal["local", "dask"] = "local"  # dask: shard across a Dask cluster
+    # dask: shard across a Dask cluster; torchrun: one shard per rank (run under torchrun)
+    executor: Literal["local", "dask", "torchrun"] = "local"
     dask_address: str | None = None  # a running scheduler (tcp://host:8786); None = LocalCluster
     dask_workers: Annotated[int, Field(ge=1, le=1024)] = 2  # LocalCluster size and shard count
 

@@ -1,4 +1,4 @@
-"""Sharded feature extraction on Dask, driven by Prefect's ``DaskTaskRunner`` (prefect-dask).
+"""Sharded feature extraction on existing engines: Dask (through prefect-dask) or torchrun.
 
 ``features.executor: dask`` sends the images that are not in the cache to Dask workers, a few
 whole batches per shard. Each worker loads the frozen body once per shard, embeds its shard with
@@ -8,6 +8,11 @@ cache; the features stage then gathers the rows from the cache exactly as it doe
 Workers must see ``data/raw`` and ``features.cache_dir`` at the same paths as the driver: true
 for the default ``LocalCluster``; on a remote cluster (``features.dask_address``) mount both on
 a shared filesystem.
+
+``features.executor: torchrun`` runs the stage once per process under ``torchrun`` (one per GPU):
+each rank takes a contiguous slice of the missing images (no DistributedSampler: its padding
+repeats images to even out the ranks), embeds it on its own device into the shared cache, and
+after a barrier every rank gathers the same complete features from the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING
 from prefect import flow, task
 
 if TYPE_CHECKING:
+    from headswap.backbones import BackboneSpec, FrozenBody
     from headswap.config import BackboneConfig, FeaturesConfig
     from headswap.features import FeatureCache
 
@@ -90,3 +96,60 @@ def embed_on_dask(
         return sum(future.result() for future in futures)
 
     return embed_shards()
+
+
+def embed_distributed(
+    paths: list[Path],
+    hashes: list[str],
+    body: FrozenBody,
+    spec: BackboneSpec,
+    backbone: BackboneConfig,
+    config: FeaturesConfig,
+    cache: FeatureCache,
+) -> str:
+    """Embed ``paths`` into ``cache`` with ``features.executor``; returns the engine description."""
+    from headswap.features import make_runner
+
+    if config.executor == "torchrun":
+        return embed_on_ranks(paths, hashes, body, spec, backbone, config, cache)
+    # Build the engine once here: for ONNX Runtime this exports the body ONNX into the cache
+    # before the workers look for it, so they never race to export it.
+    _, engine = make_runner(body, spec, backbone, config, cache.dir.parent.parent)
+    embed_on_dask(paths, hashes, backbone, config, cache)
+    return f"{engine} on dask"
+
+
+def rank_slice(n_items: int, rank: int, world_size: int) -> slice:
+    """Contiguous, unpadded share of ``rank``: sizes differ by at most one, nothing repeats."""
+    return slice(n_items * rank // world_size, n_items * (rank + 1) // world_size)
+
+
+def embed_on_ranks(
+    paths: list[Path],
+    hashes: list[str],
+    body: FrozenBody,
+    spec: BackboneSpec,
+    backbone: BackboneConfig,
+    config: FeaturesConfig,
+    cache: FeatureCache,
+) -> str:
+    """This rank's slice of the images, on its own GPU (or CPU with gloo); all ranks sync twice."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from headswap.features import embed_missing, make_runner
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:  # before the runner moves the body: "cuda" then means this rank's GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    dist.barrier()  # every rank listed the missing images before anyone writes to the cache
+    runner, engine = make_runner(body, spec, backbone, config, cache.dir.parent.parent)
+    share = rank_slice(len(paths), rank, world_size)
+    embed_missing(paths[share], hashes[share], runner, spec, config, cache)
+    dist.barrier()  # every slice is in the cache before any rank gathers
+    return f"{engine} on {world_size} ranks"

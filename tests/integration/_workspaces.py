@@ -20,6 +20,14 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+# No usage telemetry from the in-process MLflow/Prefect clients either: an offline machine would
+# otherwise keep a sender thread (and pytest) waiting at exit.
+for _key, _value in (
+    ("MLFLOW_DISABLE_TELEMETRY", "true"),
+    ("DO_NOT_TRACK", "1"),
+    ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+):
+    os.environ.setdefault(_key, _value)
 
 
 def tool_env(**extra: str) -> dict[str, str]:

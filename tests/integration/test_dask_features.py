@@ -1,12 +1,14 @@
-"""features.executor: dask on a 2-worker LocalCluster gives the single-process features.
+"""features.executor: dask (2-worker LocalCluster) and torchrun (2 CPU ranks, gloo) give the
+single-process features.
 
-Both runs are the real ``headswap features`` stage (ONNX Runtime engine on CPU), each with its
-own empty cache, so the Dask run embeds every image on the workers.
+Every run is the real ``headswap features`` stage, each with its own empty cache, so the sharded
+runs embed every image on their workers or ranks.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from _workspaces import make_image_folder, run, tool_env
 
 from headswap.config import DataConfig
 from headswap.data import prepare
-from headswap.distributed import shard
+from headswap.distributed import rank_slice, shard
 from headswap.features import load_features
 
 
@@ -29,11 +31,24 @@ def test_shards_are_whole_batches_covering_every_image():
     assert len(shard(paths, hashes, n_shards=50, batch_size=4)) == 6
 
 
-def _features(work: Path, executor: str) -> tuple[np.ndarray, dict]:
+def test_rank_slices_are_unpadded_and_disjoint():
+    """Unlike DistributedSampler, no rank repeats an image to even out the counts."""
+    for n_items, world in ((10, 3), (2, 4), (0, 2), (23, 8)):
+        shares = [range(n_items)[rank_slice(n_items, rank, world)] for rank in range(world)]
+        assert [i for share in shares for i in share] == list(range(n_items))
+
+
+def _features(
+    work: Path,
+    executor: str,
+    engine: str = "onnxruntime",
+    batch: int = 4,
+    launcher: tuple[str, ...] = (),
+) -> tuple[np.ndarray, dict]:
     params = {
         "features": {
-            "engine": "onnxruntime",
-            "batch_size": 4,
+            "engine": engine,
+            "batch_size": batch,
             "workers": 0,
             "cache_dir": str(work / f"cache-{executor}"),
             "executor": executor,
@@ -42,7 +57,7 @@ def _features(work: Path, executor: str) -> tuple[np.ndarray, dict]:
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = tool_env(PREFECT_HOME=str(work / "prefect-home"), OMP_NUM_THREADS="1")
-    result = run(["headswap", "features"], work, env)
+    result = run([*launcher, shutil.which("headswap", path=env["PATH"]), "features"], work, env)
     info = json.loads((work / "data/features/features_info.json").read_text())
     features = load_features(work / "data/features/features.npz")
     return features.embeddings, {**info, "output": result.stdout + result.stderr}
@@ -58,3 +73,16 @@ def test_two_worker_local_cluster_matches_single_process_bit_for_bit(tmp_path):
     assert dask_info["engine"] == "onnxruntime/cpu on dask"
     # same engine, same batches (shards are whole batches): identical bits, not just close
     assert local.dtype == dask.dtype and np.array_equal(local, dask)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_single_process_bit_for_bit(tmp_path):
+    make_image_folder(tmp_path / "data/raw", per_class=10, bad_files=False)
+    prepare(DataConfig(), tmp_path / "data/raw", tmp_path / "data/prepared")
+    local, _ = _features(tmp_path, "local", engine="torch", batch=5)
+    torchrun = shutil.which("torchrun", path=tool_env()["PATH"])
+    launcher = (torchrun, "--standalone", "--nproc-per-node", "2")
+    ranks, info = _features(tmp_path, "torchrun", engine="torch", batch=5, launcher=launcher)
+    assert info["embedded"] == 20 and info["engine"] == "torch/cpu on 2 ranks"
+    # 10 images per rank in batches of 5: the same batches as the single process
+    assert np.array_equal(local, ranks)

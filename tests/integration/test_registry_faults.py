@@ -68,8 +68,8 @@ def test_unreachable_server_fails_clearly_then_repro_reruns_only_register(export
         client = MlflowClient(f"http://127.0.0.1:{port}")
         name = registration["model_name"]
         version = client.get_model_version(name, registration["version"])
-        assert version.tags["headswap.parity_passed"] == "true"
-        assert version.tags["headswap.skipped_files"] == "1"
+        assert version.tags["parity_passed"] == "true"
+        assert version.tags["skipped_files"] == "1"
         assert client.get_model_version_by_alias(name, "challenger").version == version.version
         run_data = client.get_run(registration["run_id"]).data
         assert run_data.metrics["data.skipped_files"] == 1.0
@@ -109,7 +109,7 @@ def test_server_dying_mid_registration_leaves_no_version_without_its_gates(
         versions = client.search_model_versions(f"name='{params.registry.model_name}'")
         assert len(versions) == 2
         for version in versions:  # both carry their gates, the half-registered one included
-            assert version.tags["headswap.parity_passed"] == "true"
+            assert version.tags["parity_passed"] == "true"
         model = client.get_registered_model(params.registry.model_name)
         assert model.aliases == {"challenger": retry.version, "champion": retry.version}
     finally:
