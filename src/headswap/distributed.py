@@ -20,8 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefect import flow, task
-
 if TYPE_CHECKING:
     from headswap.backbones import BackboneSpec, FrozenBody
     from headswap.config import BackboneConfig, FeaturesConfig
@@ -38,7 +36,6 @@ def shard(paths: list[Path], hashes: list[str], n_shards: int, batch_size: int) 
     ]
 
 
-@task(name="embed shard", task_run_name="embed shard {index}")
 def embed_shard(
     index: int,
     paths: list[Path],
@@ -85,12 +82,16 @@ def embed_on_dask(
     cache: FeatureCache,
 ) -> int:
     """Embed ``paths`` across the Dask cluster; returns how many images were embedded."""
+    # Prefect is imported here, not at module level, so torchrun ranks do not need it.
+    from prefect import flow, task
+
     shards = shard(paths, hashes, config.dask_workers, config.batch_size)
+    shard_task = task(embed_shard, name="embed shard", task_run_name="embed shard {index}")
 
     @flow(name="features-dask", task_runner=task_runner(config), log_prints=True)
     def embed_shards() -> int:
         futures = [
-            embed_shard.submit(index, shard_paths, shard_hashes, backbone, config, cache)
+            shard_task.submit(index, shard_paths, shard_hashes, backbone, config, cache)
             for index, (shard_paths, shard_hashes) in enumerate(shards)
         ]
         return sum(future.result() for future in futures)
