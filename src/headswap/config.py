@@ -79,10 +79,11 @@ class BackboneConfig(_Section):
     def _taps_unique(cls, taps: list[Tap], info: ValidationInfo) -> list[Tap]:
         if len(set(map(str, taps))) != len(taps):
             raise ValueError(f"taps must not repeat (got {taps})")
-        # Only the bundled EfficientNet exposes its block stages; other bodies give 'head' only.
-        valid = [*range(LITE0_BLOCKS), "head"] if info.data.get("name") == LITE0 else ["head"]
+        # The bundled body's stages are known here; other bodies' taps depend on the model and
+        # are checked when it is built (backbones.load_body names the taps it offers).
+        valid = [*range(LITE0_BLOCKS), "head"]
         bad = [tap for tap in taps if tap not in valid]
-        if bad:
+        if bad and info.data.get("name") == LITE0:
             raise ValueError(
                 f"taps {bad} out of range for {info.data.get('name')} (allowed: "
                 f"{', '.join(map(str, valid))})"
