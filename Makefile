@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export PREFECT_LOGGING_LEVEL ?= WARNING
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test test-slow ui bench lint clean
+.PHONY: install run repro test test-slow ui bench lint clean
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing headswap (first time: a few minutes; torch is large)"
@@ -29,6 +29,9 @@ install: $(STAMP)
 
 run: install  ## Full pipeline on ELPV through the Prefect flow (DVC stages, MLflow registry)
 	@$(PY) -m flows.pipeline
+
+repro: install  ## dvc repro that waits for another run's workspace lock instead of failing
+	@$(VENV)/bin/headswap repro
 
 test: install  ## Fast suite: unit + integration on small real data (no slow/gpu tests)
 	@$(PY) -m pytest -m "not slow and not gpu" -q

@@ -72,7 +72,11 @@ def prepare(params: ParamsOption = Path("params.yaml")) -> None:
     result = run_prepare(_params(params).data, RAW_DIR, PREPARED)
     console.print(f"manifest: {result.manifest} {result.class_counts}")
     if result.skipped:
-        console.print(f"[yellow]skipped {result.skipped} unreadable file(s); reasons in {result.report}[/]")
+        console.print(f"[yellow]skipped {result.skipped} unreadable file(s) (data.on_bad_image: "
+                      f"skip); listed in {result.report}:[/]", highlight=False)
+        for item in result.skipped_files:
+            console.print(f"  skipped {item['path']}: {item['reason']}", highlight=False,
+                          markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -244,6 +248,16 @@ def predict(
     result = predict_images(uri, inputs, out, batch_size=batch_size)
     console.print(f"wrote {result.out}: {result.rows} rows, {result.errors} unreadable; "
                   f"predicted {result.class_counts} with {uri}")
+
+
+@app.command()
+@friendly_errors
+def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages (default: all)")] = None
+          ) -> None:
+    """`dvc repro` that waits while another run holds the workspace lock, instead of failing."""
+    from headswap.workspace import repro as run_repro
+
+    raise typer.Exit(run_repro(targets or []))
 
 
 @app.command("check-params")

@@ -10,11 +10,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from headswap.errors import ConfigError
 
 Tap = int | Literal["head"]
+LITE0, LITE0_BLOCKS = "efficientnet_lite0", 7  # the bundled body and its block stages (0..6)
+ALLOWED_BACKBONES = f"{LITE0}, torchvision/<model>, timm/<model>"
 
 
 class _Section(BaseModel):
@@ -57,11 +67,27 @@ class BackboneConfig(_Section):
     taps: Annotated[list[Tap], Field(min_length=1)] = ["head"]
     pool: Literal["mean", "max", "meanmax", "gem"] = "mean"
 
+    @field_validator("name")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        if name != LITE0 and not name.startswith(("torchvision/", "timm/")):
+            raise ValueError(f"unknown backbone '{name}' (allowed: {ALLOWED_BACKBONES})")
+        return name
+
     @field_validator("taps")
     @classmethod
-    def _taps_unique(cls, taps: list[Tap]) -> list[Tap]:
+    def _taps_unique(cls, taps: list[Tap], info: ValidationInfo) -> list[Tap]:
         if len(set(map(str, taps))) != len(taps):
             raise ValueError(f"taps must not repeat (got {taps})")
+        # The bundled body's stages are known here; other bodies' taps depend on the model and
+        # are checked when it is built (backbones.load_body names the taps it offers).
+        valid = [*range(LITE0_BLOCKS), "head"]
+        bad = [tap for tap in taps if tap not in valid]
+        if bad and info.data.get("name") == LITE0:
+            raise ValueError(
+                f"taps {bad} out of range for {info.data.get('name')} (allowed: "
+                f"{', '.join(map(str, valid))})"
+            )
         return taps
 
 
@@ -73,6 +99,10 @@ class FeaturesConfig(_Section):
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     workers: Annotated[int, Field(ge=0, le=64)] = 2
     cache_dir: str | None = None
+    # dask: shard across a Dask cluster; torchrun: one shard per rank (run under torchrun)
+    executor: Literal["local", "dask", "torchrun"] = "local"
+    dask_address: str | None = None  # a running scheduler (tcp://host:8786); None = LocalCluster
+    dask_workers: Annotated[int, Field(ge=1, le=1024)] = 2  # LocalCluster size and shard count
 
 
 class HeadConfig(_Section):
@@ -147,19 +177,49 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The params key path in ``loc``, without union-member tags such as 'constrained-float'."""
+    model: Any = Params
+    path: list[Any] = []
+    for part in loc:
+        fields = getattr(model, "model_fields", {}) if model is not None else {}
+        if isinstance(part, str) and part in fields:
+            annotation = fields[part].annotation
+            is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            model = annotation if is_model else None
+        elif not isinstance(part, int):
+            break
+        path.append(part)
+    return tuple(path)
+
+
 def describe_validation_error(error: ValidationError, source: str) -> str:
-    """Turn pydantic's report into one line per problem, naming the key path and what is allowed."""
-    lines = []
+    """Turn pydantic's report into one line per problem, naming the key path and what is allowed.
+
+    A value that fits no member of a union (``head.C``: a number > 0 or 'auto') is one problem
+    with one line, not one line per union member.
+    """
+    problems: dict[tuple, list[str]] = {}
+    inputs: dict[tuple, Any] = {}
     for item in error.errors():
         loc = item["loc"]
-        key = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
+            key = ".".join(str(p) for p in loc)
             allowed = ", ".join(_allowed_keys(Params, loc[:-1]))
-            lines.append(f"{source}: unknown key '{key}' (allowed here: {allowed})")
-        else:
-            got = item.get("input")
-            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: invalid value for '{key}': {item['msg']}{got_text}")
+            problems[loc] = [f"unknown key '{key}' (allowed here: {allowed})"]
+            continue
+        path = _field_path(loc)
+        problems.setdefault(path, []).append(item["msg"].removeprefix("Value error, "))
+        inputs[path] = item.get("input")
+    lines = []
+    for path, messages in problems.items():
+        if path not in inputs:
+            lines.append(f"{source}: {messages[0]}")
+            continue
+        got = inputs[path]
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        key = ".".join(str(p) for p in path) or "(top level)"
+        lines.append(f"{source}: invalid value for '{key}': {', or '.join(messages)}{got_text}")
     return "\n".join(lines)
 
 

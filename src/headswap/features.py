@@ -230,11 +230,15 @@ def extract_features(
     missing = [row for row in rows if cache.get(row["sha256"]) is None]
     engine = "cache"
     if missing:
-        runner, engine = make_runner(body, spec, backbone, config, cache_root)
-        embed_missing(
-            [raw_dir / row["path"] for row in missing], [row["sha256"] for row in missing],
-            runner, spec, config, cache,
-        )
+        paths = [raw_dir / row["path"] for row in missing]
+        hashes = [row["sha256"] for row in missing]
+        if config.executor == "local":
+            runner, engine = make_runner(body, spec, backbone, config, cache_root)
+            embed_missing(paths, hashes, runner, spec, config, cache)
+        else:  # dask or torchrun: sharded by headswap.distributed into the same cache
+            from headswap.distributed import embed_distributed
+
+            engine = embed_distributed(paths, hashes, body, spec, backbone, config, cache)
     embeddings = np.stack([_must_get(cache, row) for row in rows])
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as handle:

@@ -66,6 +66,8 @@ def open_rgb(path: Path) -> Image.Image:
         raise UnreadableImageError("not an image file (PIL cannot identify it)") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise UnreadableImageError(f"cannot decode: {error}") from None
+    except Exception as error:  # noqa: BLE001 - crafted files make PIL raise EOFError, struct.error...
+        raise UnreadableImageError(f"cannot decode ({type(error).__name__}: {error})") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

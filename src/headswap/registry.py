@@ -134,6 +134,27 @@ def _is_transient(error: Exception) -> bool:
     )
 
 
+def gate_tags(parity_path: Path, validation: dict) -> dict[str, str]:
+    """Tags recording the gates this model passed; refuses a model whose ONNX parity failed.
+
+    Raises:
+        RegistryError: the parity report is missing or says the check failed.
+    """
+    parity = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
+    if parity.get("passed") is not True:
+        raise RegistryError(
+            f"{parity_path}: the ONNX parity check did not pass (max |onnx - torch| "
+            f"{parity.get('max_abs_diff', 'unknown')}, export.parity_atol "
+            f"{parity.get('atol', 'unknown')}); refusing to register or alias this model. "
+            "Re-run `dvc repro export` and fix the export first."
+        )
+    return {
+        "parity_passed": "true",
+        "parity_max_abs_diff": f"{parity['max_abs_diff']:.3e}",
+        "skipped_files": str(len(validation.get("skipped", []))),
+    }
+
+
 def _signature(size: int, n_classes: int):
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -160,14 +181,17 @@ def _ensure_experiment(client, name: str, root: Path) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _log_run_contents(params: Params, files: StageFiles, metrics: dict, summary: dict) -> None:
+def _log_run_contents(
+    params: Params, files: StageFiles, metrics: dict, validation: dict
+) -> None:
     import mlflow
 
     mlflow.log_params(flatten_params(params))
+    mlflow.log_metric("data.skipped_files", len(validation.get("skipped", [])))
     mlflow.log_metrics(
         flatten_metrics({k: v for k, v in metrics.items() if k != "confusion_matrix"})
     )
-    mlflow.log_dict(summary, "data/manifest_summary.json")
+    mlflow.log_dict(validation["counts"], "data/manifest_summary.json")
     for path in (files.metrics, files.parity, files.validation, files.features_info):
         mlflow.log_artifact(str(path), "reports" if path.parent.name == "reports" else "data")
     if files.plots.is_dir():
@@ -225,7 +249,7 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
     name = params.registry.model_name
     metrics = json.loads(files.metrics.read_text())
     validation = json.loads(files.validation.read_text())
-    tags = lineage(files, read_manifest(files.manifest))
+    tags = {**lineage(files, read_manifest(files.manifest)), **gate_tags(files.parity, validation)}
 
     experiment_id = with_retries(
         lambda: _ensure_experiment(client, params.registry.experiment, Path(".")),
@@ -237,7 +261,7 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
             name,
             files.model,
             tags,
-            lambda: _log_run_contents(params, files, metrics, validation["counts"]),
+            lambda: _log_run_contents(params, files, metrics, validation),
         ),
         "logging the MLflow run",
     )

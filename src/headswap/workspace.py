@@ -11,7 +11,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,11 @@ from headswap.config import Params, parse_params
 from headswap.errors import HeadswapError
 
 RAW_DIR = Path("data/raw")
+# DVC's locks are not a queue: a second `dvc repro` fails at once with one of these messages
+# (the repo lock, or the per-output rwlock when the first run is already inside a stage).
+DVC_LOCK_MESSAGES = ("Unable to acquire lock", "it is being blocked by")
+LOCK_WAIT_ENV = "HEADSWAP_LOCK_WAIT_S"  # how long to wait for another run's lock (default 1 h)
+LOCK_POLL_S = 2.0
 INGEST_RECORD = Path("data/.ingest.json")
 
 
@@ -39,20 +45,82 @@ def _executable(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def run_command(args: list[str], env: Mapping[str, str] | None = None, cwd: Path = Path(".")) -> CommandResult:
-    """Run a tool, streaming nothing; on failure raise StageError with the tail of its output."""
+def run_command(
+    args: list[str], env: Mapping[str, str] | None = None, cwd: Path = Path(".")
+) -> CommandResult:
+    """Run a tool, streaming nothing; on failure raise StageError with the tail of its output.
+
+    DVC commands wait for another DVC process's lock (see ``wait_for_dvc_lock``) instead of
+    failing, so two runs started together queue up rather than crash.
+    """
     command = [_executable(args[0]), *args[1:]]
     # dvc.yaml stages call `headswap`; make sure they find the one installed beside us.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    completed = subprocess.run(
-        command, cwd=cwd, env={**os.environ, "PATH": path, **(env or {})},
-        capture_output=True, text=True,
-    )
-    output = completed.stdout + completed.stderr
-    if completed.returncode != 0:
+
+    def attempt() -> tuple[int, str]:
+        completed = subprocess.run(
+            command, cwd=cwd, env={**os.environ, "PATH": path, **(env or {})},
+            capture_output=True, text=True,
+        )
+        return completed.returncode, completed.stdout + completed.stderr
+
+    returncode, output = wait_for_dvc_lock(attempt) if args[0] == "dvc" else attempt()
+    if returncode != 0:
         tail = "\n".join(line for line in output.strip().splitlines()[-15:])
-        raise StageError(f"`{' '.join(args)}` failed (exit {completed.returncode}):\n{tail}")
+        raise StageError(f"`{' '.join(args)}` failed (exit {returncode}):\n{tail}")
     return CommandResult(command, output)
+
+
+def wait_for_dvc_lock(attempt: Callable[[], tuple[int, str]]) -> tuple[int, str]:
+    """Re-run ``attempt`` (a DVC command) while it fails only because another DVC holds the lock.
+
+    Returns the (exit status, output) of the first attempt that got the lock or failed for any
+    other reason. Gives up after ``$HEADSWAP_LOCK_WAIT_S`` seconds with a StageError.
+    """
+    deadline = time.monotonic() + float(os.environ.get(LOCK_WAIT_ENV, "3600"))
+    announced = False
+    while True:
+        returncode, output = attempt()
+        if returncode == 0 or not any(message in output for message in DVC_LOCK_MESSAGES):
+            return returncode, output
+        if time.monotonic() > deadline:
+            raise StageError(
+                f"another DVC process has held this workspace's lock for over "
+                f"{os.environ.get(LOCK_WAIT_ENV, '3600')} s (set {LOCK_WAIT_ENV} to wait longer; "
+                "if no DVC process is running, delete .dvc/tmp/lock)"
+            )
+        if not announced:
+            print("another DVC run holds this workspace; waiting for it to finish...",
+                  file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(LOCK_POLL_S)
+
+
+def repro(targets: list[str]) -> int:
+    """``dvc repro`` that waits for another run's lock, streaming DVC's output as it comes.
+
+    Returns DVC's exit status.
+    """
+    command = [_executable("dvc"), "repro", *targets]
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+    def attempt() -> tuple[int, str]:
+        with subprocess.Popen(
+            command, env={**os.environ, "PATH": path}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        ) as process:
+            output = "".join(_echo(line) for line in process.stdout)
+        return process.returncode, output
+
+    return wait_for_dvc_lock(attempt)[0]
+
+
+def _echo(line: str) -> str:
+    """Stream a DVC output line, except the lock complaints that the wait replaces."""
+    if not any(message in line for message in DVC_LOCK_MESSAGES):
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    return line
 
 
 def read_raw_params(path: Path = Path("params.yaml")) -> Any:

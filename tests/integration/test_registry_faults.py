@@ -1,0 +1,140 @@
+"""Registry faults against a real MLflow server: unreachable, dying mid-way, failed parity.
+
+One tiny pipeline runs up to ``export`` in a temp DVC workspace; each test then exercises the
+register stage as ``dvc repro`` (or the CLI's own function) runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from _workspaces import free_port, make_pipeline_workspace, run, start_mlflow, stop, tool_env
+
+from headswap import registry
+from headswap.config import load_params
+from headswap.errors import RegistryError
+
+pytestmark = pytest.mark.slow
+STAGES = ("prepare", "features", "train", "evaluate", "export", "register")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A workspace whose pipeline ran up to export (one truncated image skipped on the way)."""
+    root = tmp_path_factory.mktemp("registry-faults")
+    work = make_pipeline_workspace(root)
+    env = tool_env(HEADSWAP_CACHE_DIR=str(root / "cache"))
+    run(["dvc", "repro", "export"], work, env)
+    return work
+
+
+def _server_env(work, port: int) -> dict[str, str]:
+    return tool_env(
+        HEADSWAP_CACHE_DIR=str(work.parent / "cache"),
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}",
+        # fail fast inside MLflow's HTTP client; headswap's own retries (1+2+4+8 s) remain
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+    )
+
+
+def _ran_stages(output: str) -> list[str]:
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
+
+
+def test_unreachable_server_fails_clearly_then_repro_reruns_only_register(exported, tmp_path):
+    port = free_port()
+    env = _server_env(exported, port)
+    down = run(["dvc", "repro"], exported, env, check=False)
+    output = down.stdout + down.stderr
+    assert down.returncode != 0
+    assert _ran_stages(output) == ["register"]
+    assert "failed after 5 attempt(s)" in output and "Check that the MLflow server" in output
+    assert "`dvc repro` will redo only this stage" in output
+    assert "Traceback" not in output
+    assert not (exported / "models/registry.json").exists()
+
+    server = start_mlflow(
+        f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", port, tmp_path / "mlflow.log"
+    )
+    try:
+        up = run(["dvc", "repro"], exported, env)
+        assert _ran_stages(up.stdout + up.stderr) == ["register"]
+        registration = json.loads((exported / "models/registry.json").read_text())
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        name = registration["model_name"]
+        version = client.get_model_version(name, registration["version"])
+        assert version.tags["parity_passed"] == "true"
+        assert version.tags["skipped_files"] == "1"
+        assert client.get_model_version_by_alias(name, "challenger").version == version.version
+        run_data = client.get_run(registration["run_id"]).data
+        assert run_data.metrics["data.skipped_files"] == 1.0
+        artifacts = [a.path for a in client.list_artifacts(registration["run_id"], "data")]
+        assert "data/validation.json" in artifacts
+    finally:
+        stop(server)
+
+
+def test_server_dying_mid_registration_leaves_no_version_without_its_gates(
+    exported, tmp_path, monkeypatch
+):
+    port = free_port()
+    for key, value in _server_env(exported, port).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(exported)
+    db, art = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art"
+    server = start_mlflow(db, art, port, tmp_path / "mlflow.log")
+    real_alias = registry.finish_registration
+
+    def die_first(*args, **kwargs):  # the server goes away after the version was created
+        stop(server)
+        return real_alias(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "finish_registration", die_first)
+    params = load_params("params.yaml")
+    with pytest.raises(RegistryError, match="setting aliases failed after 5 attempt"):
+        registry.register_model(params, registry.StageFiles(), tmp_path / "registry.json")
+    monkeypatch.setattr(registry, "finish_registration", real_alias)
+
+    server = start_mlflow(db, art, port, tmp_path / "mlflow.log")
+    try:
+        retry = registry.register_model(params, registry.StageFiles(), tmp_path / "registry.json")
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        versions = client.search_model_versions(f"name='{params.registry.model_name}'")
+        assert len(versions) == 2
+        for version in versions:  # both carry their gates, the half-registered one included
+            assert version.tags["parity_passed"] == "true"
+        model = client.get_registered_model(params.registry.model_name)
+        assert model.aliases == {"challenger": retry.version, "champion": retry.version}
+    finally:
+        stop(server)
+
+
+def test_failed_parity_is_never_registered_or_aliased(exported, tmp_path, monkeypatch):
+    port = free_port()
+    for key, value in _server_env(exported, port).items():
+        monkeypatch.setenv(key, value)
+    work = tmp_path / "copy"
+    shutil.copytree(exported, work, symlinks=True)
+    monkeypatch.chdir(work)
+    parity = json.loads((work / "reports/export_parity.json").read_text())
+    parity.update(passed=False, max_abs_diff=0.3)
+    (work / "reports/export_parity.json").write_text(json.dumps(parity))
+    server = start_mlflow(
+        f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", port, tmp_path / "mlflow.log"
+    )
+    try:
+        params = load_params("params.yaml")
+        with pytest.raises(RegistryError, match="parity check did not pass"):
+            registry.register_model(params, registry.StageFiles(), tmp_path / "registry.json")
+        from mlflow import MlflowClient
+
+        assert MlflowClient().search_registered_models() == []
+    finally:
+        stop(server)
