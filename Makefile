@@ -33,6 +33,9 @@ run: install  ## Full pipeline on ELPV through the Prefect flow (DVC stages, MLf
 repro: install  ## dvc repro that waits for another run's workspace lock instead of failing
 	@$(VENV)/bin/headswap repro
 
+ui: install  ## Prefect UI :4200 + MLflow UI :5000 + the train/promote/predict deployments (Ctrl-C stops them)
+	@$(VENV)/bin/headswap ui
+
 test: install  ## Fast suite: unit + integration on small real data (no slow/gpu tests)
 	@$(PY) -m pytest -m "not slow and not gpu" -q
 

@@ -4,6 +4,7 @@ DVC decides what is stale, exactly as ``dvc repro`` would; the flow adds typed p
 on I/O, artifacts and the links between the Prefect run, the DVC experiment and the MLflow run.
 
     python -m flows.pipeline        # ephemeral Prefect, no server needed
+    make ui                         # the served `train` deployment, triggered from the UI
 """
 
 from __future__ import annotations
@@ -18,63 +19,133 @@ from prefect.runtime import flow_run
 
 from headswap import summary as summaries
 from headswap import workspace
-from headswap.flow_params import TrainParameters
+from headswap.flow_params import TrainParameters, parse_train_parameters
 
-# Stages that talk to a server get retries; the others fail fast on a real error.
+# What each dvc.yaml stage does, as the task-run name a person reads in the UI.
+STAGE_TITLES = {
+    "prepare": "prepare: validate images, split",
+    "features": "features: embed with the frozen body",
+    "train": "train: fit the head",
+    "evaluate": "evaluate: test metrics and plots",
+    "export": "export: ONNX model + parity check",
+    "register": "register: MLflow run and model version",
+}
+# Stages that talk to a server or the network get retries; compute stages fail fast.
 RETRIED_STAGES = {"register": 3}
 
 
-@task(name="version data (dvc add + push)", retries=2, retry_delay_seconds=5)
+@task(
+    name="version data",
+    task_run_name="version data: ingest, dvc add, dvc push",
+    retries=2,
+    retry_delay_seconds=5,
+)
 def version_data(params) -> str:
     return workspace.version_data(params)
 
 
-@task(task_run_name="dvc stage: {stage}")
+@task(name="dvc stage", task_run_name="{stage}")
 def run_stage(stage: str, env: dict[str, str]) -> bool:
     return workspace.repro_stage(stage, env)
 
 
-@task(name="save DVC experiment", retries=2, retry_delay_seconds=2)
-def save_experiment(name: str) -> None:
-    workspace.save_experiment(name)
+@task(
+    name="save DVC experiment",
+    task_run_name="save DVC experiment {name}",
+    retries=2,
+    retry_delay_seconds=2,
+)
+def save_experiment(name: str, message: str) -> str:
+    workspace.save_experiment(name, message)
+    return workspace.experiment_rev(name)
 
 
-@flow(name="train", log_prints=True)
-def train(parameters: TrainParameters | None = None) -> dict:
-    """Run the whole pipeline; `parameters` override params.yaml like `dvc exp run -S`."""
-    params = workspace.apply_overrides(parameters.overrides() if parameters else {})
+@task(
+    name="link MLflow run",
+    task_run_name="link MLflow run to the DVC experiment",
+    retries=3,
+    retry_delay_seconds=5,
+)
+def link_mlflow_run(result: dict, links: dict[str, str]) -> None:
+    summaries.tag_mlflow_run(result, links)
+
+
+@task(
+    name="read aliases",
+    task_run_name="read the model version's aliases",
+    retries=3,
+    retry_delay_seconds=5,
+)
+def read_aliases(result: dict) -> list[str]:
+    return summaries.live_aliases(result)
+
+
+@flow(name="train", log_prints=True, validate_parameters=False)
+def train(parameters: TrainParameters) -> dict:
+    """Train a head on a frozen body: every dvc.yaml stage, recorded in DVC and MLflow.
+
+    Args:
+        parameters: override params.yaml keys like `dvc exp run -S`; an invalid value fails the
+            run before anything is written.
+    """
+    # Validated here (not by Prefect) so a bad value fails with one line per field.
+    parameters = parse_train_parameters(parameters)
+    params = workspace.apply_overrides(parameters.overrides())
     run_id = flow_run.get_id() or ""
     experiment = f"train-{run_id[:8] or time.strftime('%Y%m%d-%H%M%S')}"
     env = {"HEADSWAP_DVC_EXPERIMENT": experiment, "HEADSWAP_PREFECT_FLOW_RUN_ID": run_id}
 
     version_data(params)
-    for stage in workspace.pipeline_stages():
-        retries = RETRIED_STAGES.get(stage, 0)
-        run_stage.with_options(retries=retries, retry_delay_seconds=5)(stage, env)
-    save_experiment(experiment)
-
+    ran = {
+        stage: run_stage.with_options(
+            task_run_name=STAGE_TITLES.get(stage, stage),
+            retries=RETRIED_STAGES.get(stage, 0),
+            retry_delay_seconds=5,
+        )(stage, env)
+        for stage in workspace.pipeline_stages()
+    }
     result = summaries.run_summary()
+    message = f"{experiment}: MLflow run {result['run_id']}, Prefect flow run {run_id or 'none'}"
     result["dvc_experiment"] = experiment
+    result["dvc_experiment_rev"] = save_experiment(experiment, message)
+    result["prefect_flow_run_url"] = flow_run.get_flow_run_ui_url() or ""
+    # When DVC restored `register` from its run cache, the MLflow run belongs to the experiment
+    # that first produced these exact outputs; its links stay pointing there.
+    result["registered_now"] = ran.get("register", False)
+    if result["registered_now"]:
+        link_mlflow_run(result, summaries.lineage_links(result))
+    result["aliases"] = read_aliases(result)
     _publish(result)
     return result
 
 
 def _publish(result: dict) -> None:
     create_table_artifact(
-        key="metrics",
-        table=[{"metric": k, "value": result[k]} for k in ("accuracy", "balanced_accuracy", "roc_auc")],
-        description="Test-split metrics of this run",
+        key="train-metrics",
+        table=summaries.metrics_table(result),
+        description=f"Test-split metrics of {result['model_name']} version {result['version']}",
     )
-    create_markdown_artifact(key="run-summary", markdown=summaries.format_markdown(result))
+    create_markdown_artifact(
+        key="train-summary",
+        markdown=summaries.format_markdown(result),
+        description="Metrics, registered version and aliases, links to MLflow",
+    )
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """`python -m flows.pipeline`: one run with params.yaml as it is, in ephemeral mode."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from headswap.config import load_params
     from headswap.errors import HeadswapError
 
     try:
-        outcome = train()
+        outcome = train(TrainParameters.from_params(load_params()))
     except HeadswapError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     print(summaries.format_summary(outcome))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

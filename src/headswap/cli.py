@@ -267,5 +267,18 @@ def check_params(params: ParamsOption = Path("params.yaml")) -> None:
     print(json.dumps(_params(params).model_dump(mode="json"), indent=2))
 
 
+@app.command()
+@friendly_errors
+def ui(
+    prefect_port: Annotated[int, typer.Option(help="Prefect server/UI port")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+) -> None:
+    """Prefect UI + MLflow UI + the train/promote/predict deployments; Ctrl-C stops them."""
+    from headswap.ui import UiConfig, run_ui
+
+    raise typer.Exit(run_ui(UiConfig(host, prefect_port, mlflow_port)))
+
+
 def main() -> None:
     sys.exit(app())

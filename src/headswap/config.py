@@ -154,6 +154,21 @@ class RegistryConfig(_Section):
     lock_stale_s: Annotated[float, Field(gt=0)] = 900.0
 
 
+class ScheduleConfig(_Section):
+    """When the served `train` deployment (``make ui``) retrains on its own; off by default."""
+
+    train_cron: str | None = None
+    timezone: str = "UTC"
+
+    @field_validator("train_cron")
+    @classmethod
+    def _five_fields(cls, cron: str | None) -> str | None:
+        # Full cron syntax is checked by Prefect when the deployment is served.
+        if cron is not None and len(cron.split()) != 5:
+            raise ValueError(f"expected 5 cron fields like '0 2 * * *' (got {cron!r})")
+        return cron
+
+
 class Params(_Section):
     """Everything in params.yaml."""
 
@@ -164,6 +179,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 MLFLOW_UI = "http://127.0.0.1:5000"
 
 
-def run_summary(metrics_path: Path = Path("reports/metrics.json"),
-                registry_path: Path = Path("models/registry.json")) -> dict:
+def mlflow_ui() -> str:
+    """Base URL of the MLflow UI that links point to (``make ui`` serves it on :5000)."""
+    return os.environ.get("HEADSWAP_MLFLOW_UI_URL", MLFLOW_UI).rstrip("/")
+
+
+def run_summary(
+    metrics_path: Path = Path("reports/metrics.json"),
+    registry_path: Path = Path("models/registry.json"),
+) -> dict:
     """Headline numbers and registry facts of the workspace's latest pipeline run."""
     metrics = json.loads(metrics_path.read_text())
     registration = json.loads(registry_path.read_text())
+    ui = mlflow_ui()
+    experiment_id, run_id = registration["experiment_id"], registration["run_id"]
+    name = registration["model_name"]
     return {
         "accuracy": metrics["accuracy"],
         "balanced_accuracy": metrics["balanced_accuracy"],
@@ -23,8 +34,9 @@ def run_summary(metrics_path: Path = Path("reports/metrics.json"),
         "version": registration["version"],
         "aliases": registration["aliases"],
         "run_id": registration["run_id"],
-        "run_url": f"{MLFLOW_UI}/#/experiments/{registration['experiment_id']}/runs/{registration['run_id']}",
-        "model_url": f"{MLFLOW_UI}/#/models/{registration['model_name']}/versions/{registration['version']}",
+        "experiment_id": registration["experiment_id"],
+        "run_url": f"{ui}/#/experiments/{experiment_id}/runs/{run_id}",
+        "model_url": f"{ui}/#/models/{name}/versions/{registration['version']}",
         "tracking_uri": registration["tracking_uri"],
     }
 
@@ -34,42 +46,115 @@ def format_summary(summary: dict) -> str:
     ci = summary["ci95"].get("accuracy")
     ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
     auc = summary["roc_auc"]
-    return "\n".join([
-        "headswap run complete",
-        f"  test accuracy   {summary['accuracy']:.4f}{ci_text}  on {summary['n_test']} images",
-        f"  test ROC-AUC    {auc:.4f}" if auc is not None else "  test ROC-AUC    n/a",
-        f"  registered      {summary['model_name']} version {summary['version']}"
-        f"  aliases: {', '.join(summary['aliases'])}",
-        f"  MLflow run      {summary['run_id']}  ({summary['tracking_uri']})",
-        "",
-        "next:",
-        "  make ui                              # Prefect UI :4200 + MLflow UI :5000 (run, plots, model)",
-        "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000   # MLflow UI only",
-        "  .venv/bin/dvc repro                  # re-run only what params.yaml changes made stale",
-        "  .venv/bin/dvc exp show               # compare runs",
-    ])
+    return "\n".join(
+        [
+            "headswap run complete",
+            f"  test accuracy   {summary['accuracy']:.4f}{ci_text}  on {summary['n_test']} images",
+            f"  test ROC-AUC    {auc:.4f}" if auc is not None else "  test ROC-AUC    n/a",
+            f"  registered      {summary['model_name']} version {summary['version']}"
+            f"  aliases: {', '.join(summary['aliases'])}",
+            f"  MLflow run      {summary['run_id']}  ({summary['tracking_uri']})",
+            "",
+            "next:",
+            "  make ui               # Prefect UI :4200 + MLflow UI :5000 (run, plots, model)",
+            "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # MLflow UI only",
+            "  .venv/bin/dvc repro   # re-run only what params.yaml changes made stale",
+            "  .venv/bin/dvc exp show   # compare runs (UI runs are experiments train-<run id>)",
+        ]
+    )
+
+
+METRIC_ROWS = (
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("roc_auc", "ROC-AUC"),
+)
+
+
+def metrics_table(summary: dict) -> list[dict]:
+    """Rows of the Prefect table artifact: one per headline metric, with its 95% CI if known."""
+    rows = []
+    for key, label in METRIC_ROWS:
+        ci = summary["ci95"].get(key)
+        rows.append(
+            {
+                "metric": label,
+                "value": None if summary[key] is None else round(summary[key], 4),
+                "ci95_low": round(ci[0], 4) if ci else None,
+                "ci95_high": round(ci[1], 4) if ci else None,
+                "n_test": summary["n_test"],
+            }
+        )
+    return rows
+
+
+def lineage_links(summary: dict) -> dict[str, str]:
+    """Tags that point from the MLflow run and model version back to DVC and Prefect."""
+    links = {
+        "headswap.dvc_experiment": summary.get("dvc_experiment", ""),
+        "headswap.dvc_experiment_rev": summary.get("dvc_experiment_rev", ""),
+        "headswap.prefect_flow_run_url": summary.get("prefect_flow_run_url", ""),
+    }
+    return {key: value for key, value in links.items() if value}
+
+
+def live_aliases(summary: dict) -> list[str]:
+    """The aliases the registered version holds now (registry.json records them at register
+    time; a promotion since then may have moved ``champion``)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    return sorted(client.get_model_version(summary["model_name"], summary["version"]).aliases)
+
+
+def tag_mlflow_run(summary: dict, tags: dict[str, str]) -> None:
+    """Set ``tags`` on the run and the model version that ``summary`` describes."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    for key, value in tags.items():
+        client.set_tag(summary["run_id"], key, value)
+        client.set_model_version_tag(summary["model_name"], summary["version"], key, value)
 
 
 def format_markdown(summary: dict) -> str:
-    """The Prefect run artifact: metrics table, registered version, links to MLflow."""
-    auc = summary["roc_auc"]
-    rows = [
-        ("accuracy", f"{summary['accuracy']:.4f}"),
-        ("balanced accuracy", f"{summary['balanced_accuracy']:.4f}"),
-        ("ROC-AUC", f"{auc:.4f}" if auc is not None else "n/a"),
-        ("test images", str(summary["n_test"])),
-    ]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return "\n".join([
-        f"# {summary['model_name']} version {summary['version']}",
-        "",
-        f"Aliases: **{', '.join(summary['aliases'])}**  ",
-        f"DVC experiment: `{summary.get('dvc_experiment', 'workspace')}`",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        table,
-        "",
-        f"- [MLflow run {summary['run_id']}]({summary['run_url']})",
-        f"- [Registered model version]({summary['model_url']})",
-    ])
+    """The Prefect run artifact: metrics table, registered version and aliases, links."""
+    rows = "\n".join(
+        f"| {row['metric']} | {_number(row['value'])} | {_interval(row)} |"
+        for row in metrics_table(summary)
+    )
+    experiment = summary.get("dvc_experiment", "workspace")
+    rev = summary.get("dvc_experiment_rev", "")
+    return "\n".join(
+        [
+            f"# {summary['model_name']} version {summary['version']}",
+            "",
+            f"Aliases: **{', '.join(summary['aliases']) or 'none'}**  ",
+            ""
+            if summary.get("registered_now", True)
+            else "Registered earlier: DVC restored these outputs from its run cache.  ",
+            f"Test images: {summary['n_test']}",
+            "",
+            "| metric | value | 95% CI |",
+            "|---|---|---|",
+            rows,
+            "",
+            f"- MLflow run: [{summary['run_id']}]({summary['run_url']})",
+            f"- Registered model: [{summary['model_name']} version {summary['version']}]"
+            f"({summary['model_url']})",
+            f"- DVC experiment: `{experiment}`"
+            + (f" (rev `{rev[:12]}`)" if rev else "")
+            + f": `dvc exp show`, `dvc exp apply {experiment}`",
+            f"- Model URI: `models:/{summary['model_name']}/{summary['version']}`",
+        ]
+    )
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _interval(row: dict) -> str:
+    if row["ci95_low"] is None:
+        return "n/a"
+    return f"{row['ci95_low']:.4f} - {row['ci95_high']:.4f}"

@@ -209,11 +209,28 @@ def pipeline_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
 
 
 def repro_stage(stage: str, env: Mapping[str, str] | None = None) -> bool:
-    """``dvc repro --single-item <stage>``. Returns True if DVC ran it, False if it was up to date."""
+    """``dvc repro --single-item <stage>``. True if DVC ran it; False if up to date or restored
+    from the run cache."""
     result = run_command(["dvc", "repro", "--single-item", stage], env=env)
     return f"Running stage '{stage}'" in result.output
 
 
-def save_experiment(name: str) -> None:
-    """Record the workspace as a DVC experiment, visible in ``dvc exp show``."""
-    run_command(["dvc", "exp", "save", "--force", "--name", name])
+def save_experiment(name: str, message: str | None = None) -> None:
+    """Record the workspace as a DVC experiment, visible in ``dvc exp show``.
+
+    ``message`` becomes the experiment commit's message: the flow puts the MLflow run id there,
+    so the experiment points at its MLflow run (models/registry.json inside it does too).
+    """
+    run_command(
+        ["dvc", "exp", "save", "--force", "--name", name, *(["-m", message] * bool(message))]
+    )
+
+
+def experiment_rev(name: str) -> str:
+    """The git commit of the DVC experiment ``name`` ('' if there is none)."""
+    refs = run_command(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"])
+    for line in refs.output.splitlines():
+        sha, _, ref = line.partition(" ")
+        if ref.rsplit("/", 1)[-1] == name:
+            return sha
+    return ""
