@@ -69,7 +69,7 @@ def healthy(url: str) -> bool:
 
 def start(service: Service, cwd: Path = Path(".")) -> subprocess.Popen:
     """Start ``service`` in its own process group (so Ctrl-C reaches only this supervisor)."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    (cwd / LOG_DIR).mkdir(parents=True, exist_ok=True)
     log = (cwd / service.log_path).open("ab")
     service.process = subprocess.Popen(
         service.command,
@@ -79,9 +79,15 @@ def start(service: Service, cwd: Path = Path(".")) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     log.close()
     return service.process
+
+
+def _default_sigint() -> None:
+    # A shell's background job inherits SIGINT as ignored; stop() relies on SIGINT working.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until_healthy(service: Service, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
@@ -107,17 +113,21 @@ def wait_until_healthy(service: Service, timeout_s: float = STARTUP_TIMEOUT_S) -
 
 
 def stop(service: Service, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """Stop a started service and its children: SIGINT its group, then SIGKILL what is left."""
+    """Stop a started service and everything in its process group.
+
+    SIGINT first (what Ctrl-C would send: servers shut down cleanly), then SIGTERM, then SIGKILL;
+    whatever outlived the group leader (server workers, flow-run subprocesses) is killed last.
+    """
     process = service.process
     if process is None:
         return
-    _signal_group(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _signal_group(process.pid, signal.SIGKILL)
-        process.wait()
-    # Children that outlived their parent (server workers, flow-run subprocesses) go too.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        _signal_group(process.pid, sig)
+        try:
+            process.wait(timeout=timeout_s / 2)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     _signal_group(process.pid, signal.SIGKILL)
 
 
@@ -239,6 +249,7 @@ def run_ui(config: UiConfig = UiConfig()) -> int:
             f"{config.root.resolve()}: flows/serve.py not found; run from the project root"
         )
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started: list[Service] = []
     try:
         print("starting headswap UI (Ctrl-C stops everything started here)")

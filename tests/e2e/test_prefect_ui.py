@@ -1,0 +1,118 @@
+"""A person's path through the Prefect UI, in a real headless Chromium (Debian's package).
+
+Deployments -> train -> Run -> Custom run -> change head C -> Submit -> the run reaches Completed.
+Slow: a real Prefect server, the served deployments and one pipeline run on 40 ELPV images.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests import prefect_stack as stack
+from tests.prefect_stack import api_client, mlflow_runs, wait_for_final_state
+
+pytestmark = pytest.mark.slow
+
+prefect_server = stack.prefect_server
+served_workspace = stack.served_workspace
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+UI_TIMEOUT_S = 60
+RUN_TIMEOUT_S = 900
+NEW_C = "0.0625"
+# The number box of the form's "C" field (the innermost labelled property holding that label).
+C_INPUT = (
+    "//span[contains(@class,'schema-form-property__label') and normalize-space()='C']"
+    "/ancestor::div[contains(@class,'p-label')][1]//input"
+)
+
+
+@pytest.fixture
+def chromium_driver(tmp_path):
+    """Headless Chromium with a fresh profile and no background network traffic."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail(
+            "needs Debian's chromium and chromium-driver: apt-get install -y chromium "
+            "chromium-driver (.ci/run installs them)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1600",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _screenshot_dir(tmp_path: Path) -> Path:
+    """Where screenshots go: $HEADSWAP_SCREENSHOT_DIR (CI keeps it) or the test's tmp dir."""
+    target = Path(os.environ.get("HEADSWAP_SCREENSHOT_DIR", tmp_path / "screenshots"))
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def test_custom_run_from_the_ui_completes(served_workspace, chromium_driver, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, ui = chromium_driver, served_workspace.server.url
+    wait = WebDriverWait(driver, UI_TIMEOUT_S)
+    shots = _screenshot_dir(tmp_path)
+
+    def click(xpath: str) -> None:
+        wait.until(ready.element_to_be_clickable((By.XPATH, xpath))).click()
+
+    try:
+        driver.get(f"{ui}/deployments")
+        click("//a[normalize-space()='train']")
+        click("//button[normalize-space()='Run']")
+        click("//*[normalize-space()='Custom run']")
+        wait.until(ready.url_contains("/run"))
+        c_input = wait.until(ready.element_to_be_clickable((By.XPATH, C_INPUT)))
+        assert c_input.get_attribute("value") == "1", "the form should show params.yaml's C"
+        c_input.clear()
+        c_input.send_keys(NEW_C)
+        driver.save_screenshot(str(shots / "prefect-custom-run-form.png"))
+        click("//button[normalize-space()='Submit']")
+
+        wait.until(ready.url_matches(r"/runs/flow-run/[0-9a-f-]{36}"))
+        flow_run_id = re.search(r"flow-run/([0-9a-f-]{36})", driver.current_url).group(1)
+        with api_client(served_workspace.server) as client:
+            run = wait_for_final_state(client, flow_run_id, RUN_TIMEOUT_S)
+        assert run.state.is_completed(), run.state.message
+        assert run.parameters["parameters"]["C"] == float(NEW_C)
+
+        # The page updates by itself; the person sees the Completed badge on the run page.
+        WebDriverWait(driver, UI_TIMEOUT_S).until(
+            ready.presence_of_element_located(
+                (By.XPATH, "//*[contains(@class,'state-badge') and normalize-space()='Completed']")
+            )
+        )
+    finally:
+        final = shots / "prefect-train-run.png"
+        driver.save_screenshot(str(final))
+        print(f"\nscreenshot: {final}")
+    assert any(r.data.params["head.C"] == NEW_C for r in mlflow_runs(served_workspace.root))

@@ -1,0 +1,93 @@
+"""`headswap ui`'s process handling with real processes: start, health, reuse, stop the group."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from headswap.ui import (
+    Service,
+    UiConfig,
+    UiError,
+    _start_unless_running,
+    free_port,
+    healthy,
+    port_in_use,
+    start,
+    stop,
+    wait_until_healthy,
+)
+
+
+def _web_server(port: int, name: str = "web", pid_file=None) -> Service:
+    """A real HTTP server; optionally with a background grandchild that records its pid."""
+    serve = f"exec {sys.executable} -m http.server {port} --bind 127.0.0.1"
+    script = f"sleep 300 & echo $! > {pid_file}; {serve}" if pid_file else serve
+    return Service(name, ["bash", "-c", script], f"http://127.0.0.1:{port}/")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is already dead
+        return stat.read().split()[2] != "Z"
+
+
+def test_stop_ends_the_whole_process_group(tmp_path):
+    port, pid_file = free_port(), tmp_path / "grandchild.pid"
+    service = _web_server(port, pid_file=pid_file)
+    start(service, cwd=tmp_path)
+    try:
+        wait_until_healthy(service, timeout_s=60)
+        grandchild = int(pid_file.read_text())
+        assert healthy(service.health_url) and _alive(grandchild)
+    finally:
+        stop(service, timeout_s=10)
+    assert service.process.poll() is not None
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(grandchild)
+    assert not port_in_use("127.0.0.1", port)
+    assert (tmp_path / ".headswap/ui/web.log").is_file()
+
+
+def test_a_healthy_server_already_there_is_reused_and_left_running(tmp_path):
+    port = free_port()
+    theirs = _web_server(port, "theirs")
+    start(theirs, cwd=tmp_path)
+    try:
+        wait_until_healthy(theirs, timeout_s=60)
+        ours = _web_server(port, "ours")
+        assert _start_unless_running(ours, ours.health_url, port, UiConfig(root=tmp_path)) is False
+        assert ours.process is None
+        stop(ours)
+        assert healthy(theirs.health_url)
+    finally:
+        stop(theirs, timeout_s=10)
+
+
+def test_a_port_taken_by_something_else_is_an_error(tmp_path):
+    port = free_port()
+    blocker = _web_server(port, "blocker")
+    start(blocker, cwd=tmp_path)
+    try:
+        wait_until_healthy(blocker, timeout_s=60)
+        other = Service("prefect-server", ["true"], f"http://127.0.0.1:{port}/api/health")
+        with pytest.raises(UiError, match=f"port {port} .* not prefect-server"):
+            _start_unless_running(other, "x", port, UiConfig(root=tmp_path))
+    finally:
+        stop(blocker, timeout_s=10)
+
+
+def test_a_service_that_dies_at_startup_is_reported_with_its_log(tmp_path):
+    service = Service("broken", ["bash", "-c", "echo boom; exit 3"], "http://127.0.0.1:9/")
+    start(service, cwd=tmp_path)
+    with pytest.raises(UiError, match=r"broken exited with status 3; see .headswap/ui/broken.log"):
+        wait_until_healthy(service, timeout_s=30)
+    assert "boom" in (tmp_path / ".headswap/ui/broken.log").read_text()
