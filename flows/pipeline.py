@@ -81,16 +81,19 @@ def read_aliases(result: dict) -> list[str]:
 
 
 @flow(name="train", log_prints=True, validate_parameters=False)
-def train(parameters: TrainParameters) -> dict:
+def train(parameters: TrainParameters | None = None) -> dict:
     """Train a head on a frozen body: every dvc.yaml stage, recorded in DVC and MLflow.
 
     Args:
         parameters: override params.yaml keys like `dvc exp run -S`; an invalid value fails the
-            run before anything is written.
+            run before anything is written. None runs params.yaml exactly as it is.
     """
-    # Validated here (not by Prefect) so a bad value fails with one line per field.
-    parameters = parse_train_parameters(parameters)
-    params = workspace.apply_overrides(parameters.overrides())
+    if parameters is None:
+        params = workspace.apply_overrides({})
+    else:
+        # Validated here (not by Prefect) so a bad value fails with one line per field.
+        overrides = parse_train_parameters(parameters).overrides()
+        params = workspace.apply_overrides(overrides)
     run_id = flow_run.get_id() or ""
     experiment = f"train-{run_id[:8] or time.strftime('%Y%m%d-%H%M%S')}"
     env = {"HEADSWAP_DVC_EXPERIMENT": experiment, "HEADSWAP_PREFECT_FLOW_RUN_ID": run_id}
@@ -135,11 +138,10 @@ def _publish(result: dict) -> None:
 def main() -> int:
     """`python -m flows.pipeline`: one run with params.yaml as it is, in ephemeral mode."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from headswap.config import load_params
     from headswap.errors import HeadswapError
 
     try:
-        outcome = train(TrainParameters.from_params(load_params()))
+        outcome = train()
     except HeadswapError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

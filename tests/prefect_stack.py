@@ -8,7 +8,6 @@ process started here is stopped afterwards, whatever the test outcome.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,23 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 from headswap.ui import Service, free_port, start, stop, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-# What a fresh clone needs to run the pipeline; no dvc.lock, so every stage runs.
-WORKSPACE_FILES = [
-    "src",
-    "flows",
-    "params.yaml",
-    "dvc.yaml",
-    "pyproject.toml",
-    ".dvcignore",
-    ".gitignore",
-]
-SMALL_RUN = {"data": {"max_per_class": 20}, "evaluate": {"bootstrap": 100}}
 RUN_TIMEOUT_S = 900.0
 
 
@@ -53,34 +40,17 @@ class ServedWorkspace:
     serve_log: Path
 
 
-def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=headswap-test", "-c", "user.email=test@localhost", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-    )
+def make_workspace(dest: Path, feature_cache: Path) -> Path:
+    """A git + DVC copy of this project on 20 ELPV images per class (tests/conftest.py)."""
+    from conftest import create_workspace, run
 
-
-def make_workspace(dest: Path) -> Path:
-    """A copy of this project with a small ELPV subset: git init + dvc init + first commit."""
     dest.mkdir(parents=True)
-    for name in WORKSPACE_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in SMALL_RUN.items():
-        params[section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _git(dest, "init", "-q")
-    subprocess.run([str(VENV_BIN / "dvc"), "init", "-q"], cwd=dest, check=True)
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
-    _git(dest, "add", "-A")
-    _git(dest, "commit", "-q", "-m", "workspace for the deployment tests")
-    return dest
+    root = create_workspace(dest, feature_cache, max_per_class=20)
+    # The served processes log to .headswap/ui/ inside the workspace, as `make ui` does.
+    with (root / ".gitignore").open("a") as ignore:
+        ignore.write("/.headswap/\n")
+    run(["git", "commit", "-q", "-am", "ignore server logs"], root)
+    return root
 
 
 def base_env(home: Path) -> dict[str, str]:
@@ -120,8 +90,8 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
 @pytest.fixture(scope="module")
 def served_workspace(prefect_server, tmp_path_factory) -> Iterator[ServedWorkspace]:
     """`python -m flows.serve` in a fresh workspace copy, until the `train` deployment exists."""
-    root = make_workspace(tmp_path_factory.mktemp("served") / "workspace")
     cache = tmp_path_factory.getbasetemp() / "headswap-cache"
+    root = make_workspace(tmp_path_factory.mktemp("served") / "workspace", cache)
     env = {
         **prefect_server.env,
         "PREFECT_API_URL": prefect_server.api_url,

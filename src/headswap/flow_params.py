@@ -43,7 +43,7 @@ FIELD_TO_PARAM = {
 
 
 class TrainParameters(BaseModel):
-    """Parameters of the `train` flow; each overrides one params.yaml key."""
+    """Each field overrides one params.yaml key (None: run params.yaml exactly as it is)."""
 
     model_config = ConfigDict(extra="forbid", title="Train parameters")
 

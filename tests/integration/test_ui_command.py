@@ -32,7 +32,7 @@ def _wait_for_line(process: subprocess.Popen, needle: str, log: list[str]) -> No
 
 
 def test_ui_starts_missing_servers_and_stops_only_those(prefect_server, tmp_path):
-    root = stack.make_workspace(tmp_path / "workspace")
+    root = stack.make_workspace(tmp_path / "workspace", tmp_path / "feature-cache")
     mlflow_port = free_port()
     env = {**prefect_server.env, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
     command = [
