@@ -168,7 +168,12 @@ def prefect_server(config: UiConfig) -> Service:
             str(config.prefect_port),
         ],
         f"{config.prefect_url}/api/health",
-        env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"},
+        env={
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            # The UI calls the API at this address; it defaults to :4200 whatever the port.
+            "PREFECT_UI_API_URL": f"{config.prefect_url}/api",
+        },
     )
 
 
