@@ -31,6 +31,7 @@ def _with(defaults: dict, **changes) -> dict:
 def test_form_defaults_are_params_yaml_values(served_workspace):
     with api_client(served_workspace.server) as client:
         deployment = client.read_deployment_by_name("train/train")
+        others = [client.read_deployment_by_name(f"{n}/{n}") for n in ("promote", "predict")]
     assert deployment.parameters == {
         "parameters": {
             "backbone": "efficientnet_lite0",
@@ -46,6 +47,8 @@ def test_form_defaults_are_params_yaml_values(served_workspace):
     schema = deployment.parameter_openapi_schema["definitions"]
     assert "torchvision/resnet50" in schema["Backbone"]["enum"]
     assert deployment.global_concurrency_limit.limit == 1
+    assert {d.name for d in others} == {"promote", "predict"}
+    assert others[1].parameter_openapi_schema["required"] == ["folder"]
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
 
 
