@@ -60,7 +60,7 @@ def test_invalid_values_are_refused_never_defaulted(served_workspace):
                 deployment.id, parameters=_with(deployment.parameters, C=-1.0)
             )
         # A partial model is refused too: the class has no defaults to fall back on.
-        with pytest.raises(PrefectHTTPStatusError, match="'backbone' is a required property"):
+        with pytest.raises(PrefectHTTPStatusError, match="is not valid under any of the given"):
             client.create_flow_run_from_deployment(
                 deployment.id, parameters={"parameters": {"C": 0.5}}
             )
