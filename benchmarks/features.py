@@ -1,0 +1,329 @@
+"""Feature-extraction benchmark on ELPV: every figure measured in one run, reported as ratios.
+
+    python benchmarks/features.py [--raw data/raw] [--out benchmarks/results/features.json]
+
+What is measured (the default backbone, efficientnet_lite0 'head' tap, views none, batch 32):
+
+- ``limit_img_s``: ONNX Runtime over the exported body on pre-decoded uint8 batches in memory.
+- ``torch_eager_img_s``: the same body in PyTorch eager (fp32, CPU), on the same batches.
+- ``pipeline_img_s``: ``extract_features`` from image files with a cold embedding cache
+  (the exported body is already cached, as it is after the first run of any configuration),
+  run in a fresh process that also reports its peak RSS.
+- ``incremental_vs_cold``: after that cold run over 95% of ELPV, the run that adds the other 5%
+  (every 20th image), divided by the cold run's time.
+- ``naive_epochs_s``: the PyTorch-tutorial "fixed feature extractor": every epoch decodes every
+  train+val image and runs the frozen body forward, then a linear head step. Timed on a subset of
+  images and *extrapolated* to 10 epochs over the full train+val split.
+- ``peak_rss_mb`` for ELPV and for a doubled ELPV (every file also copied with one trailing
+  byte, so it has a new sha256; the copies are embedded, the originals come from the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+BATCH = 32
+EPOCHS = 10
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=Path, default=ROOT / "data" / "raw", help="ELPV ImageFolder")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/features.json")
+    parser.add_argument("--workers", type=int, default=1, help="decoding processes")
+    parser.add_argument("--limit-images", type=int, default=256)
+    parser.add_argument("--torch-images", type=int, default=64)
+    parser.add_argument("--naive-images", type=int, default=64)
+    parser.add_argument(
+        "--stage", nargs=4, metavar=("MANIFEST", "RAW", "CACHE", "OUT"), help=argparse.SUPPRESS
+    )  # internal: one features run in this process
+    return parser.parse_args()
+
+
+def run_stage_here(manifest: str, raw: str, cache: str, out: str, workers: int) -> None:
+    """Child-process mode: one ``extract_features`` call, timed, with this process's peak RSS."""
+    from headswap.config import BackboneConfig, FeaturesConfig
+    from headswap.features import extract_features
+
+    features = FeaturesConfig(
+        engine="onnxruntime", workers=workers, batch_size=BATCH, cache_dir=cache
+    )
+    started = time.perf_counter()
+    result = extract_features(BackboneConfig(), features, Path(manifest), Path(raw), Path(out))
+    seconds = time.perf_counter() - started
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over execve, so a child would report the
+    # parent's peak. VmHWM belongs to this process image alone.
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "images": result.images,
+                "hits": result.cache_hits,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+    )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_stage(manifest: Path, raw: Path, cache: Path, out: Path, workers: int) -> dict:
+    """Run the features stage in a fresh process (so its peak RSS is its own)."""
+    command = [
+        sys.executable,
+        __file__,
+        "--workers",
+        str(workers),
+        "--stage",
+        str(manifest),
+        str(raw),
+        str(cache),
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"features run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["path", "sha256", "label", "split"], extrasaction="ignore"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def prepared_manifest(raw: Path, work: Path) -> tuple[list[dict], list[str]]:
+    """The prepare stage over ELPV: manifest rows and class order."""
+    from headswap.config import DataConfig
+    from headswap.data import prepare, read_classes, read_manifest
+
+    result = prepare(DataConfig(source=str(raw)), raw, work / "prepared")
+    return read_manifest(result.manifest), read_classes(result.report)
+
+
+def decoded(rows: list[dict], raw: Path, count: int, size: int) -> np.ndarray:
+    from headswap.features import load_pixels
+
+    return np.stack([load_pixels(raw / row["path"], size) for row in rows[:count]])
+
+
+def images_per_second(run, pixels: np.ndarray, repeats: int = 1) -> float:
+    """Throughput of ``run`` over ``pixels`` in batches of BATCH, after one warm-up batch."""
+    run(pixels[:BATCH])
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for start in range(0, len(pixels), BATCH):
+            run(pixels[start : start + BATCH])
+    return repeats * len(pixels) / (time.perf_counter() - started)
+
+
+def engine_figures(rows: list[dict], raw: Path, cache: Path, args) -> dict:
+    """limit_img_s (ONNX Runtime) and torch_eager_img_s on the same in-memory batches."""
+    from headswap.backbones import load_body
+    from headswap.config import BackboneConfig
+    from headswap.features import body_onnx_path, cpu_cores, export_body, onnx_runner
+
+    backbone = BackboneConfig()
+    body, spec = load_body(backbone)
+    onnx_path = export_body(body, spec.preprocessing.size, body_onnx_path(cache, spec, backbone))
+    pixels = decoded(rows, raw, args.limit_images, spec.preprocessing.size)
+    limit = images_per_second(onnx_runner(onnx_path), pixels, repeats=2)
+    torch.set_num_threads(cpu_cores())
+
+    @torch.inference_mode()
+    def eager(batch: np.ndarray) -> np.ndarray:
+        return body(torch.from_numpy(batch)).numpy()
+
+    eager_rate = images_per_second(eager, pixels[: args.torch_images])
+    return {
+        "limit_img_s": limit,
+        "torch_eager_img_s": eager_rate,
+        "ort_vs_torch": limit / eager_rate,
+    }
+
+
+def naive_seconds_per_image(rows: list[dict], raw: Path, args) -> float:
+    """The tutorial loop: decode, frozen body forward in eager torch, linear head step."""
+    from headswap.backbones import load_body, resolve_backbone
+    from headswap.config import BackboneConfig
+    from headswap.features import pixel_batches
+
+    body, _ = load_body(BackboneConfig())
+    head = torch.nn.Linear(1280, 2)
+    optimizer = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
+    subset = rows[: args.naive_images]
+    labels = torch.tensor([int(row["label"] == "defective") for row in subset])
+    spec = resolve_backbone(BackboneConfig())
+    batches = pixel_batches([raw / row["path"] for row in subset], spec, BATCH, args.workers)
+    started = time.perf_counter()
+    for indices, pixels in batches:
+        with torch.no_grad():
+            features = body(torch.from_numpy(pixels).float())
+        loss = torch.nn.functional.cross_entropy(head(features), labels[indices])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - started) / len(subset)
+
+
+def head_seconds(features_path: Path, classes: list[str]) -> float:
+    from headswap.config import HeadConfig
+    from headswap.features import load_features
+    from headswap.heads import train_head
+
+    started = time.perf_counter()
+    train_head(load_features(features_path), classes, HeadConfig(device="cpu"))
+    return time.perf_counter() - started
+
+
+def doubled_dataset(rows: list[dict], raw: Path, work: Path) -> tuple[list[dict], Path]:
+    """ELPV twice: the originals (linked) plus copies with one trailing byte (new sha256)."""
+    from headswap.imaging import sha256_file
+
+    root = work / "doubled"
+    (root / "copy").mkdir(parents=True)
+    (root / "orig").symlink_to(raw.resolve())
+    doubled = [{**row, "path": f"orig/{row['path']}"} for row in rows]
+    for row in rows:
+        target = root / "copy" / row["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((raw / row["path"]).read_bytes() + b"\0")
+        doubled.append({**row, "path": f"copy/{row['path']}", "sha256": sha256_file(target)})
+    return doubled, root
+
+
+def pipeline_figures(rows: list[dict], raw: Path, work: Path, cache: Path, args) -> dict:
+    """Cold 95% run, the +5% incremental run, and the doubled-dataset run, each in a subprocess."""
+    base = [row for index, row in enumerate(rows) if index % 20 != 19]
+    cold = run_stage(
+        write_rows(base, work / "base.csv"), raw, cache, work / "a/f.npz", args.workers
+    )
+    full_manifest = write_rows(rows, work / "full.csv")
+    incremental = run_stage(full_manifest, raw, cache, work / "b/f.npz", args.workers)
+    doubled_rows, doubled_raw = doubled_dataset(rows, raw, work)
+    doubled = run_stage(
+        write_rows(doubled_rows, work / "doubled.csv"),
+        doubled_raw,
+        cache,
+        work / "c/f.npz",
+        args.workers,
+    )
+    return {
+        "pipeline_img_s": cold["images"] / cold["seconds"],
+        "cold_run": cold,
+        "incremental_run": incremental,
+        "doubled_run": doubled,
+        "incremental_vs_cold": incremental["seconds"] / cold["seconds"],
+        "peak_rss_mb": max(cold["peak_rss_mb"], incremental["peak_rss_mb"]),
+        "doubled_peak_rss_mb": doubled["peak_rss_mb"],
+        "full_features": str(work / "b/f.npz"),
+    }
+
+
+def machine() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    import onnxruntime
+
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.stage:
+        run_stage_here(*args.stage, workers=args.workers)
+        return
+    raw = args.raw.resolve()
+    if not raw.is_dir():
+        raise SystemExit(f"{raw}: no ELPV images (run `headswap ingest` or `dvc pull` first)")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="headswap-bench-") as tmp:
+        work, cache = Path(tmp), Path(tmp) / "cache"
+        rows, classes = prepared_manifest(raw, work)
+        print(f"{len(rows)} images; measuring engines...", flush=True)
+        figures = engine_figures(rows, raw, cache, args)
+        print(json.dumps(figures), "\nfeatures stage runs...", flush=True)
+        figures.update(pipeline_figures(rows, raw, work, cache, args))
+        print("naive baseline and head...", flush=True)
+        naive_per_image = naive_seconds_per_image(rows, raw, args)
+        head = head_seconds(Path(figures.pop("full_features")), classes)
+    epoch_images = sum(row["split"] in ("train", "val") for row in rows)
+    figures["naive_epochs_s"] = EPOCHS * epoch_images * naive_per_image
+    headswap_s = figures["cold_run"]["seconds"] + figures["incremental_run"]["seconds"] + head
+    figures.update(
+        {
+            "pipeline_vs_limit": figures["pipeline_img_s"] / figures["limit_img_s"],
+            "speedup_vs_naive": figures["naive_epochs_s"] / headswap_s,
+            "headswap_extract_and_train_s": headswap_s,
+            "head_train_s": head,
+            "naive_measured_images": args.naive_images,
+            "naive_seconds_per_image": naive_per_image,
+            "naive_extrapolated_to_images": epoch_images * EPOCHS,
+            "images": len(rows),
+            "workers": args.workers,
+            "batch_size": BATCH,
+            "machine": machine(),
+            "bench_seconds": time.perf_counter() - started,
+            "command": "python benchmarks/features.py " + " ".join(sys.argv[1:]),
+        }
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    keys = (
+        "limit_img_s",
+        "pipeline_img_s",
+        "pipeline_vs_limit",
+        "torch_eager_img_s",
+        "ort_vs_torch",
+        "naive_epochs_s",
+        "speedup_vs_naive",
+        "incremental_vs_cold",
+        "peak_rss_mb",
+        "doubled_peak_rss_mb",
+    )
+    for key in keys:
+        print(f"{key:>22}: {figures[key]:.3f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
