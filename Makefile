@@ -42,6 +42,10 @@ test: install  ## Fast suite: unit + integration on small real data (no slow/gpu
 test-slow: install  ## Slow suite: real servers, real browser, full ELPV
 	@$(PY) -m pytest -m "slow and not gpu" -q || [ $$? -eq 5 ]  # 5 = none collected
 
+bench: install  ## Feature-extraction benchmark on ELPV -> benchmarks/results/features.json (minutes)
+	@test -d data/raw || $(VENV)/bin/headswap ingest
+	@$(PY) benchmarks/features.py --raw data/raw --out benchmarks/results/features.json
+
 lint: install
 	@$(VENV)/bin/ruff check src flows tests benchmarks && $(VENV)/bin/ruff format --check src flows tests benchmarks
 

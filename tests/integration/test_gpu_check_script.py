@@ -1,0 +1,51 @@
+"""benchmarks/gpu_check.py runs end to end (on CPU here; the lead runs it once on a GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headswap.backbones import _bundled_weights
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("defective", "functional"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(8):
+            pixels = rng.integers(0, 256, (60, 60), dtype=np.uint8)
+            Image.fromarray(pixels, mode="L").save(tmp_path / "images" / label / f"{index}.png")
+    out = tmp_path / "gpu.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_check.py"),
+        "--device",
+        "cpu",
+        "--images",
+        str(tmp_path / "images"),
+        "--weights",
+        str(_bundled_weights()),
+        "--out",
+        str(out),
+        "--batch",
+        "4",
+        "--workers",
+        "1",
+        "--repeats",
+        "1",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["images"] == 16
+    assert report["raw_forward_img_s"] > 0 and report["pipeline_img_s"] > 0
+    assert report["head"]["device"] == "cpu" and 0 <= report["head"]["test_accuracy"] <= 1
