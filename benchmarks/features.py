@@ -44,6 +44,26 @@ BATCH = 32
 EPOCHS = 10
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children reaped so far (decoding workers)."""
+    own, children = (
+        resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Clock:
+    """Wall and CPU seconds over a block. On a shared machine wall time swings with everyone
+    else's load; CPU time measures the work this code did, so the CPU ratios stay stable."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, default=ROOT / "data" / "raw", help="ELPV ImageFolder")
@@ -66,15 +86,15 @@ def run_stage_here(manifest: str, raw: str, cache: str, out: str, workers: int) 
     features = FeaturesConfig(
         engine="onnxruntime", workers=workers, batch_size=BATCH, cache_dir=cache
     )
-    started = time.perf_counter()
-    result = extract_features(BackboneConfig(), features, Path(manifest), Path(raw), Path(out))
-    seconds = time.perf_counter() - started
+    with Clock() as clock:
+        result = extract_features(BackboneConfig(), features, Path(manifest), Path(raw), Path(out))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over execve, so a child would report the
     # parent's peak. VmHWM belongs to this process image alone.
     print(
         json.dumps(
             {
-                "seconds": seconds,
+                "seconds": clock.wall,
+                "cpu_seconds": clock.cpu,
                 "images": result.images,
                 "hits": result.cache_hits,
                 "peak_rss_mb": peak_rss_mb(),
@@ -135,14 +155,15 @@ def decoded(rows: list[dict], raw: Path, count: int, size: int) -> np.ndarray:
     return np.stack([load_pixels(raw / row["path"], size) for row in rows[:count]])
 
 
-def images_per_second(run, pixels: np.ndarray, repeats: int = 1) -> float:
-    """Throughput of ``run`` over ``pixels`` in batches of BATCH, after one warm-up batch."""
+def images_per_second(run, pixels: np.ndarray, repeats: int = 1) -> tuple[float, float]:
+    """(images/s, CPU s/image) of ``run`` over ``pixels`` in batches, after a warm-up batch."""
     run(pixels[:BATCH])
-    started = time.perf_counter()
-    for _ in range(repeats):
-        for start in range(0, len(pixels), BATCH):
-            run(pixels[start : start + BATCH])
-    return repeats * len(pixels) / (time.perf_counter() - started)
+    with Clock() as clock:
+        for _ in range(repeats):
+            for start in range(0, len(pixels), BATCH):
+                run(pixels[start : start + BATCH])
+    images = repeats * len(pixels)
+    return images / clock.wall, clock.cpu / images
 
 
 def engine_figures(rows: list[dict], raw: Path, cache: Path, args) -> tuple[dict, Callable]:
@@ -157,24 +178,28 @@ def engine_figures(rows: list[dict], raw: Path, cache: Path, args) -> tuple[dict
     onnx_path = export_body(body, spec.preprocessing.size, body_onnx_path(cache, spec, backbone))
     pixels = decoded(rows, raw, args.limit_images, spec.preprocessing.size)
     runner = onnx_runner(onnx_path)
-    limit = images_per_second(runner, pixels, repeats=2)
+    limit, limit_cpu = images_per_second(runner, pixels, repeats=2)
     torch.set_num_threads(cpu_cores())
 
     @torch.inference_mode()
     def eager(batch: np.ndarray) -> np.ndarray:
         return body(torch.from_numpy(batch)).numpy()
 
-    eager_rate = images_per_second(eager, pixels[: args.torch_images])
+    eager_rate, eager_cpu = images_per_second(eager, pixels[: args.torch_images])
     figures = {
         "limit_before_img_s": limit,
         "torch_eager_img_s": eager_rate,
         "ort_vs_torch": limit / eager_rate,
+        "limit_before_cpu_s_per_img": limit_cpu,
+        "torch_eager_cpu_s_per_img": eager_cpu,
+        "ort_vs_torch_cpu": eager_cpu / limit_cpu,
     }
     return figures, lambda: images_per_second(runner, pixels, repeats=2)
 
 
-def naive_seconds_per_image(rows: list[dict], raw: Path, args) -> float:
-    """The tutorial loop: decode, frozen body forward in eager torch, linear head step."""
+def naive_seconds_per_image(rows: list[dict], raw: Path, args) -> tuple[float, float]:
+    """(wall, CPU) seconds per image of the tutorial loop: decode, frozen body forward in eager
+    torch, linear head step."""
     from headswap.backbones import load_body, resolve_backbone
     from headswap.config import BackboneConfig
     from headswap.features import pixel_batches
@@ -186,7 +211,12 @@ def naive_seconds_per_image(rows: list[dict], raw: Path, args) -> float:
     labels = torch.tensor([int(row["label"] == "defective") for row in subset])
     spec = resolve_backbone(BackboneConfig())
     batches = pixel_batches([raw / row["path"] for row in subset], spec, BATCH, args.workers)
-    started = time.perf_counter()
+    with Clock() as clock:
+        naive_loop(body, head, optimizer, batches, labels)
+    return clock.wall / len(subset), clock.cpu / len(subset)
+
+
+def naive_loop(body, head, optimizer, batches, labels) -> None:
     for indices, pixels in batches:
         with torch.no_grad():
             features = body(torch.from_numpy(pixels).float())
@@ -194,17 +224,16 @@ def naive_seconds_per_image(rows: list[dict], raw: Path, args) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - started) / len(subset)
 
 
-def head_seconds(features_path: Path, classes: list[str]) -> float:
+def head_seconds(features_path: Path, classes: list[str]) -> tuple[float, float]:
     from headswap.config import HeadConfig
     from headswap.features import load_features
     from headswap.heads import train_head
 
-    started = time.perf_counter()
-    train_head(load_features(features_path), classes, HeadConfig(device="cpu"))
-    return time.perf_counter() - started
+    with Clock() as clock:
+        train_head(load_features(features_path), classes, HeadConfig(device="cpu"))
+    return clock.wall, clock.cpu
 
 
 def doubled_dataset(rows: list[dict], raw: Path, work: Path) -> tuple[list[dict], Path]:
@@ -272,6 +301,50 @@ def machine() -> dict:
     }
 
 
+def ratios(
+    figures: dict, naive: tuple[float, float], head: tuple[float, float], epoch_images: int
+) -> dict:
+    """The headline ratios, in wall time (the targets) and in CPU time (stable under load)."""
+    cold, incremental = figures["cold_run"], figures["incremental_run"]
+    naive_images = EPOCHS * epoch_images
+    headswap_wall = cold["seconds"] + incremental["seconds"] + head[0]
+    headswap_cpu = cold["cpu_seconds"] + incremental["cpu_seconds"] + head[1]
+    pipeline_cpu = cold["cpu_seconds"] / cold["images"]
+    return {
+        "pipeline_vs_limit": figures["pipeline_img_s"] / figures["limit_img_s"],
+        "naive_epochs_s": naive_images * naive[0],
+        "speedup_vs_naive": naive_images * naive[0] / headswap_wall,
+        "headswap_extract_and_train_s": headswap_wall,
+        "head_train_s": head[0],
+        "naive_seconds_per_image": naive[0],
+        "naive_extrapolated_to_images": naive_images,
+        "pipeline_cpu_s_per_img": pipeline_cpu,
+        "pipeline_vs_limit_cpu": figures["limit_cpu_s_per_img"] / pipeline_cpu,
+        "incremental_vs_cold_cpu": incremental["cpu_seconds"] / cold["cpu_seconds"],
+        "speedup_vs_naive_cpu": naive_images * naive[1] / headswap_cpu,
+    }
+
+
+def measure(rows: list[dict], classes: list[str], raw: Path, work: Path, args) -> dict:
+    """Every measurement, in order, on one machine in one run."""
+    cache = work / "cache"
+    print(f"{len(rows)} images; measuring engines...", flush=True)
+    figures, measure_limit = engine_figures(rows, raw, cache, args)
+    print(json.dumps(figures), "\nfeatures stage runs...", flush=True)
+    figures.update(pipeline_figures(rows, raw, work, cache, args))
+    figures["limit_after_img_s"], figures["limit_after_cpu_s_per_img"] = measure_limit()
+    # The limit is the mean of the measurements either side of the pipeline runs.
+    figures["limit_img_s"] = (figures["limit_before_img_s"] + figures["limit_after_img_s"]) / 2
+    figures["limit_cpu_s_per_img"] = (
+        figures["limit_before_cpu_s_per_img"] + figures["limit_after_cpu_s_per_img"]
+    ) / 2
+    print("naive baseline and head...", flush=True)
+    naive = naive_seconds_per_image(rows, raw, args)
+    head = head_seconds(Path(figures.pop("full_features")), classes)
+    epoch_images = sum(row["split"] in ("train", "val") for row in rows)
+    return {**figures, **ratios(figures, naive, head, epoch_images)}
+
+
 def main() -> None:
     args = parse_args()
     if args.stage:
@@ -282,33 +355,14 @@ def main() -> None:
         raise SystemExit(f"{raw}: no ELPV images (run `headswap ingest` or `dvc pull` first)")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="headswap-bench-") as tmp:
-        work, cache = Path(tmp), Path(tmp) / "cache"
-        rows, classes = prepared_manifest(raw, work)
-        print(f"{len(rows)} images; measuring engines...", flush=True)
-        figures, measure_limit = engine_figures(rows, raw, cache, args)
-        print(json.dumps(figures), "\nfeatures stage runs...", flush=True)
-        figures.update(pipeline_figures(rows, raw, work, cache, args))
-        figures["limit_after_img_s"] = measure_limit()
-        # The limit is the mean of the measurements either side of the pipeline runs.
-        figures["limit_img_s"] = (figures["limit_before_img_s"] + figures["limit_after_img_s"]) / 2
-        print("naive baseline and head...", flush=True)
-        naive_per_image = naive_seconds_per_image(rows, raw, args)
-        head = head_seconds(Path(figures.pop("full_features")), classes)
-    epoch_images = sum(row["split"] in ("train", "val") for row in rows)
-    figures["naive_epochs_s"] = EPOCHS * epoch_images * naive_per_image
-    headswap_s = figures["cold_run"]["seconds"] + figures["incremental_run"]["seconds"] + head
+        rows, classes = prepared_manifest(raw, Path(tmp))
+        figures = measure(rows, classes, raw, Path(tmp), args)
     figures.update(
         {
-            "pipeline_vs_limit": figures["pipeline_img_s"] / figures["limit_img_s"],
-            "speedup_vs_naive": figures["naive_epochs_s"] / headswap_s,
-            "headswap_extract_and_train_s": headswap_s,
-            "head_train_s": head,
-            "naive_measured_images": args.naive_images,
-            "naive_seconds_per_image": naive_per_image,
-            "naive_extrapolated_to_images": epoch_images * EPOCHS,
             "images": len(rows),
             "workers": args.workers,
             "batch_size": BATCH,
+            "naive_measured_images": args.naive_images,
             "machine": machine(),
             "bench_seconds": time.perf_counter() - started,
             "command": "python benchmarks/features.py " + " ".join(sys.argv[1:]),
@@ -316,7 +370,7 @@ def main() -> None:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
-    keys = (
+    for key in (
         "limit_img_s",
         "pipeline_img_s",
         "pipeline_vs_limit",
@@ -327,9 +381,12 @@ def main() -> None:
         "incremental_vs_cold",
         "peak_rss_mb",
         "doubled_peak_rss_mb",
-    )
-    for key in keys:
-        print(f"{key:>22}: {figures[key]:.3f}")
+        "pipeline_vs_limit_cpu",
+        "ort_vs_torch_cpu",
+        "speedup_vs_naive_cpu",
+        "incremental_vs_cold_cpu",
+    ):
+        print(f"{key:>24}: {figures[key]:.3f}")
     print(f"wrote {args.out}")
 
 
