@@ -220,7 +220,7 @@ def torch_runner(body: FrozenBody, device: str) -> Callable[[np.ndarray], np.nda
 
 
 def make_runner(
-    load: Callable[[], FrozenBody],
+    body: FrozenBody | Callable[[], FrozenBody],
     spec: BackboneSpec,
     backbone: BackboneConfig,
     config: FeaturesConfig,
@@ -228,9 +228,10 @@ def make_runner(
 ) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """A function from a uint8 pixel batch to features, on the configured engine.
 
-    ``load`` builds the torch body; it is only called when needed (the ONNX Runtime engine
-    with a cached body never builds it).
+    ``body`` is the torch body, or a function that builds it: then it is only called when
+    needed (the ONNX Runtime engine with a cached body never builds it).
     """
+    load = (lambda: body) if isinstance(body, torch.nn.Module) else body
     engine, device = resolve_engine(config)
     if engine == "onnxruntime":
         onnx_path = body_onnx_path(cache_root, spec, backbone)
@@ -348,6 +349,23 @@ def feature_identity(spec: BackboneSpec, backbone: BackboneConfig, config: Featu
     return {**spec.identity(backbone.taps, backbone.pool), "views": config.views}
 
 
+def _embed_locally(
+    paths: list[Path],
+    hashes: list[str],
+    spec: BackboneSpec,
+    backbone: BackboneConfig,
+    config: FeaturesConfig,
+    cache: FeatureCache,
+) -> str:
+    """Embed in this process; returns the engine description."""
+    # Start the decoding workers first: they fill the queue while the model loads.
+    batches = pixel_batches(paths, spec, config.batch_size, config.workers)
+    load = lambda: load_body(backbone)[0]  # noqa: E731
+    runner, engine = make_runner(load, spec, backbone, config, cache.root)
+    embed_missing(paths, hashes, runner, spec, config, cache, batches)
+    return engine
+
+
 def extract_features(
     backbone: BackboneConfig,
     config: FeaturesConfig,
@@ -373,13 +391,14 @@ def extract_features(
     if missing:
         cache.describe(feature_identity(spec, backbone, config))
         paths = [raw_dir / row["path"] for row in missing]
-        # Start the decoding workers first: they fill the queue while the model loads.
-        batches = pixel_batches(paths, spec, config.batch_size, config.workers)
-        runner, engine = make_runner(
-            lambda: load_body(backbone)[0], spec, backbone, config, cache_root
-        )
         hashes = [row["sha256"] for row in missing]
-        embed_missing(paths, hashes, runner, spec, config, cache, batches)
+        if config.executor == "local":
+            engine = _embed_locally(paths, hashes, spec, backbone, config, cache)
+        else:  # dask or torchrun: sharded by headswap.distributed into the same cache
+            from headswap.distributed import embed_distributed
+
+            body = load_body(backbone)[0]
+            engine = embed_distributed(paths, hashes, body, spec, backbone, config, cache)
     views, dim = write_features(rows, cache, out_path)
     hits, seconds = len(rows) - len(missing), time.perf_counter() - started
     cache.record_run(hits, len(missing), seconds)

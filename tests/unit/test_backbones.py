@@ -105,8 +105,8 @@ def test_unknown_names_and_taps_are_config_errors(resnet18_weights):
     path, _ = resnet18_weights
     with pytest.raises(ConfigError, match="torchvision has no classification model"):
         load_body(BackboneConfig(name="torchvision/not_a_model"))
-    with pytest.raises(ConfigError, match="unknown backbone"):
-        load_body(BackboneConfig(name="resnet18"))
+    with pytest.raises(ConfigError, match="timm has no model"):
+        load_body(BackboneConfig(name="timm/not_a_model"))
     with pytest.raises(ConfigError, match=r"\[7\] not offered"):
         load_body(BackboneConfig(name="torchvision/resnet18", weights=str(path), taps=[7]))
 
