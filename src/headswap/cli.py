@@ -260,6 +260,41 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages (defa
     raise typer.Exit(run_repro(targets or []))
 
 
+@app.command("learning-curve")
+@friendly_errors
+def learning_curve(
+    params: ParamsOption = Path("params.yaml"),
+    sizes: Annotated[str, typer.Option(help="training images per class; 'all' = whole split")] = (
+        "10,25,50,100,200,all"
+    ),
+    seeds: Annotated[int, typer.Option(help="subsamples (and head seeds) per size")] = 5,
+    mlflow_log: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="log a run")] = True,
+) -> None:
+    """Test accuracy and ROC-AUC against training-set size, from the cached features."""
+    from headswap.data import read_classes
+    from headswap.features import load_features
+    from headswap.learning_curve import learning_curve as run_curve
+    from headswap.learning_curve import log_to_mlflow, parse_sizes, write_outputs
+
+    config = _params(params)
+    if not FEATURES.is_file():
+        from headswap.errors import DataError
+
+        raise DataError(f"{FEATURES} not found: run `dvc repro features` (or `make run`) first")
+    classes = read_classes(PREPARED / "validation.json")
+    points = run_curve(load_features(FEATURES), classes, config.head, config.evaluate.threshold,
+                       parse_sizes(sizes), seeds)
+    title = f"{config.backbone.name} + {config.head.type} head: learning curve ({seeds} seeds)"
+    outputs = write_outputs(points, REPORTS, title)
+    for p in points:
+        auc = "n/a" if p.roc_auc_mean is None else f"{p.roc_auc_mean:.4f} ± {p.roc_auc_std:.4f}"
+        console.print(f"{p.per_class or 'all':>5}/class ({p.train_images} images): accuracy "
+                      f"{p.accuracy_mean:.4f} ± {p.accuracy_std:.4f}, roc_auc {auc}")
+    console.print(f"wrote {outputs.plot}, {outputs.table_csv}, {outputs.table_json}")
+    if mlflow_log:
+        console.print(f"MLflow run {log_to_mlflow(points, outputs, config, seeds)}")
+
+
 @app.command("check-params")
 @friendly_errors
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:

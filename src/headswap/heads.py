@@ -45,8 +45,14 @@ class HeadMeta:
 class Head(nn.Module):
     """Standardise -> linear (or MLP) -> temperature-scaled class probabilities."""
 
-    def __init__(self, dim: int, n_classes: int, kind: str = "logistic", hidden: int = 256,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        kind: str = "logistic",
+        hidden: int = 256,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.n_classes = n_classes
         outputs = 1 if n_classes == 2 else n_classes  # one sigmoid logit for binary tasks
@@ -114,13 +120,25 @@ def _fit_standardisation(head: Head, x: np.ndarray) -> None:
     head.scale.copy_(torch.from_numpy(x.std(axis=0) + 1e-6))
 
 
-def fit_logistic(head: Head, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float,
-                 n_images: int, max_iter: int) -> int:
+def fit_logistic(
+    head: Head,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    C: float,
+    n_images: int,
+    max_iter: int,
+) -> int:
     """Full-batch L-BFGS on log-loss + ||W||^2 / (2 C n): sklearn's C, counted per image."""
     params = list(head.net.parameters())
     optimizer = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-6, tolerance_change=1e-9,
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
     )
     weight = head.net.weight
     state = {"evaluations": 0}
@@ -136,8 +154,15 @@ def fit_logistic(head: Head, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, 
     return state["evaluations"]
 
 
-def fit_mlp(head: Head, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, val: tuple | None,
-            config: HeadConfig, generator: torch.Generator) -> int:
+def fit_mlp(
+    head: Head,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    val: tuple | None,
+    config: HeadConfig,
+    generator: torch.Generator,
+) -> int:
     """AdamW minibatches with early stopping on validation log-loss (patience 20 epochs)."""
     optimizer = torch.optim.AdamW(head.net.parameters(), lr=1e-3, weight_decay=1e-2)
     best = (float("inf"), None, 0)
@@ -186,20 +211,20 @@ def predict_proba(head: Head, embeddings: np.ndarray) -> np.ndarray:
 def fit_temperature(head: Head, embeddings: np.ndarray, labels: np.ndarray) -> float:
     """The temperature minimising validation NLL of the view-averaged probabilities.
 
-    A 1-D grid over log T (0.05..20) is exact enough and needs no tuning.
+    A 1-D grid over log T (0.05..20) is exact enough and needs no tuning. The logits are computed
+    once; each grid point only rescales them.
     """
     if len(labels) == 0:
         return 1.0
-    head.temperature.fill_(1.0)
+    n, v, d = embeddings.shape
+    with torch.no_grad():
+        logits = head.logits(torch.from_numpy(embeddings.reshape(n * v, d)).to(head.mean))
+    targets = torch.from_numpy(labels).to(logits.device)
     best_t, best_nll = 1.0, float("inf")
-    tensors = (
-        torch.from_numpy(embeddings).to(head.mean),
-        torch.from_numpy(labels).to(head.mean.device),
-    )
     for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 241)):
-        head.temperature.fill_(float(t))
-        with torch.no_grad():
-            nll = _view_averaged_nll(head, *tensors)
+        probabilities = logits_to_probabilities(logits / float(t), head.n_classes)
+        picked = probabilities.reshape(n, v, -1).mean(dim=1)[torch.arange(n), targets]
+        nll = float(-picked.clamp_min(1e-12).log().mean())
         if nll < best_nll - 1e-12:
             best_t, best_nll = float(t), nll
     head.temperature.fill_(best_t)
@@ -217,8 +242,16 @@ def choose_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return max(scored)[2]
 
 
-def _fit_once(x: np.ndarray, y: np.ndarray, n_images: int, n_classes: int, config: HeadConfig,
-              C: float, device: str, val: tuple[np.ndarray, np.ndarray] | None) -> tuple[Head, int]:
+def _fit_once(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_images: int,
+    n_classes: int,
+    config: HeadConfig,
+    C: float,
+    device: str,
+    val: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[Head, int]:
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     dtype = torch.float64 if device == "cpu" else torch.float32
@@ -233,13 +266,17 @@ def _fit_once(x: np.ndarray, y: np.ndarray, n_images: int, n_classes: int, confi
     else:
         val_t = None
         if val is not None and len(val[1]):
-            val_t = (torch.from_numpy(val[0]).to(device, dtype), torch.from_numpy(val[1]).to(device))
+            val_t = (
+                torch.from_numpy(val[0]).to(device, dtype),
+                torch.from_numpy(val[1]).to(device),
+            )
         steps = fit_mlp(head, xt, yt, wt, val_t, config, generator)
     return head.eval(), steps
 
 
-def choose_C(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, config: HeadConfig,
-             device: str) -> float:
+def choose_C(
+    embeddings: np.ndarray, labels: np.ndarray, n_classes: int, config: HeadConfig, device: str
+) -> float:
     """Stratified k-fold cross-validation on the training split only (folds split by image)."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -250,15 +287,22 @@ def choose_C(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, config:
         for fit_idx, held_idx in folds.split(embeddings[:, 0], labels):
             x, y = _expand_views(embeddings[fit_idx], labels[fit_idx])
             head, _ = _fit_once(x, y, len(fit_idx), n_classes, config, C, device, None)
-            held = (torch.from_numpy(embeddings[held_idx]).to(head.mean), torch.from_numpy(labels[held_idx]).to(device))
+            held = (
+                torch.from_numpy(embeddings[held_idx]).to(head.mean),
+                torch.from_numpy(labels[held_idx]).to(device),
+            )
             with torch.no_grad():
                 fold_losses.append(_view_averaged_nll(head, *held))
         losses.append(float(np.mean(fold_losses)))
     return C_GRID[int(np.argmin(losses))]
 
 
-def train_head(features: FeatureSet, classes: list[str], config: HeadConfig,
-               threshold: EvaluateConfig | float | str = 0.5) -> tuple[Head, HeadMeta]:
+def train_head(
+    features: FeatureSet,
+    classes: list[str],
+    config: HeadConfig,
+    threshold: EvaluateConfig | float | str = 0.5,
+) -> tuple[Head, HeadMeta]:
     """Fit the head on the train split, then temperature and threshold on the val split."""
     if isinstance(threshold, EvaluateConfig):
         threshold = threshold.threshold
@@ -282,8 +326,19 @@ def train_head(features: FeatureSet, classes: list[str], config: HeadConfig,
         elif threshold != "auto":
             decision = float(threshold)
     seconds = time.perf_counter() - started
-    meta = HeadMeta(config.type, x.shape[1], classes, config.hidden, config.dropout, float(C),
-                    temperature, decision, device, round(seconds, 3), steps)
+    meta = HeadMeta(
+        config.type,
+        x.shape[1],
+        classes,
+        config.hidden,
+        config.dropout,
+        float(C),
+        temperature,
+        decision,
+        device,
+        round(seconds, 3),
+        steps,
+    )
     return head.cpu().float(), meta
 
 

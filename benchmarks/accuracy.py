@@ -1,0 +1,263 @@
+"""Accuracy sweep on ELPV: which frozen-body and head levers beat Deitsch et al. (2019)?
+
+Reference: a fine-tuned VGG-19 reached 88.42% accuracy and 0.944 ROC-AUC on a 75/25 stratified
+split. Here the body stays frozen; every row is the mean ± std over the same 5 stratified 75/25
+splits (``data.split.seed`` in SEEDS, val carved from the 75%).
+
+Bodies are expensive, heads are cheap, so the script extracts a few *rich* bodies once over the
+whole dataset (every tap, mean+max pooled, through the project's feature cache) and slices them:
+a lever such as "taps 3..head" or "mean pooling only" or "no views" is a column/view subset of a
+rich body, bit-identical to what that narrower config would extract. The split only decides which
+images are test, so the same features serve every seed.
+
+Usage (from the repository root, ELPV in data/raw as ``headswap ingest`` leaves it)::
+
+    HEADSWAP_CACHE_DIR=/tmp/cache python benchmarks/accuracy.py --workspace /tmp/acc
+
+It prints a markdown table and writes ``<workspace>/accuracy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headswap.backbones import load_body
+from headswap.config import BackboneConfig, DataConfig, FeaturesConfig, HeadConfig, SplitConfig
+from headswap.data import assign_splits, prepare, read_classes, read_manifest
+from headswap.evaluate import decide, roc_auc
+from headswap.features import FeatureSet, extract_features, load_features
+from headswap.heads import predict_proba, train_head
+
+SEEDS = (0, 1, 2, 3, 4)
+ALL_TAPS: list = [0, 1, 2, 3, 4, 5, 6, "head"]
+# Rich bodies: name -> (image size, views). Every one pools every tap with meanmax.
+BODIES = {
+    "224": (224, "none"),
+    "300": (300, "none"),
+    "300-flip": (300, "flip"),
+    "300-d4": (300, "d4"),
+}
+# Which stored views make up a lever's view set, per body view set (order of view_transforms).
+VIEW_SUBSETS = {
+    "none": {"none": [0]},
+    "flip": {"none": [0], "flip": [0, 1]},
+    "d4": {"none": [0], "flip": [0, 4], "d4": list(range(8))},
+}
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One row of the table: a slice of a rich body plus a head configuration."""
+
+    name: str
+    body: str
+    taps: list = field(default_factory=lambda: ["head"])
+    pool: str = "mean"  # mean | max | meanmax (slices of the meanmax body)
+    views: str = "none"
+    head: HeadConfig = HeadConfig()
+    threshold: float | str = 0.5
+
+
+def levers() -> list[Lever]:
+    """The sweep in priority order (a cut-short run still answers the main question)."""
+    deep = [3, 4, 5, 6, "head"]
+    mlp = HeadConfig(type="mlp", hidden=512, dropout=0.5, max_iter=300)
+    rich = {"body": "300", "taps": deep, "pool": "meanmax"}
+    return [
+        Lever("last layer, 224 px (spine default)", "224"),
+        Lever("taps 3..head, 300 px, meanmax", **rich),
+        Lever("taps 3..head, 300 px, meanmax, C 0.1", **rich, head=HeadConfig(C=0.1)),
+        Lever("taps 3..head, 300 px, meanmax, mlp", **rich, head=mlp),
+        Lever(
+            "taps 3..head, 300 px, meanmax, flip views",
+            **{**rich, "body": "300-flip"},
+            views="flip",
+        ),
+        Lever(
+            "taps 3..head, 300 px, meanmax, flip, C 0.1",
+            **{**rich, "body": "300-flip"},
+            views="flip",
+            head=HeadConfig(C=0.1),
+        ),
+        Lever(
+            "taps 3..head, 300 px, meanmax, flip, mlp",
+            **{**rich, "body": "300-flip"},
+            views="flip",
+            head=mlp,
+        ),
+        Lever("last layer, 300 px", "300"),
+        Lever("taps 3..head, 224 px", "224", deep),
+        Lever("taps 3..head, 300 px", "300", deep),
+        Lever("all taps 0..head, 300 px, meanmax", "300", ALL_TAPS, "meanmax"),
+        Lever(
+            "taps 3..head, 300 px, meanmax, balanced",
+            **rich,
+            head=HeadConfig(class_weight="balanced"),
+        ),
+        Lever("taps 3..head, 300 px, meanmax, threshold auto", **rich, threshold="auto"),
+        Lever("taps 3..head, 300 px, meanmax, C auto", **rich, head=HeadConfig(C="auto")),
+        Lever("taps 3..head, 300 px, meanmax, d4 views", **{**rich, "body": "300-d4"}, views="d4"),
+    ]
+
+
+def extract_body(name: str, workspace: Path, raw_dir: Path) -> Path:
+    """Embed the whole dataset with one rich body (cached per image); returns its npz."""
+    size, views = BODIES[name]
+    out = workspace / f"features-{name}.npz"
+    backbone = BackboneConfig(image_size=size, taps=ALL_TAPS, pool="meanmax")
+    started = time.perf_counter()
+    result = extract_features(
+        backbone, FeaturesConfig(views=views), workspace / "manifest.csv", raw_dir, out
+    )
+    print(
+        f"body {name}: {result.images} images x {result.views} views x {result.dim} dims, "
+        f"{result.cache_hits} cached, {time.perf_counter() - started:.0f}s"
+    )
+    return out
+
+
+@functools.cache
+def tap_channels() -> tuple[int, ...]:
+    """Channels of each tap in ALL_TAPS (one tiny forward pass through the body)."""
+    body, _ = load_body(BackboneConfig(taps=ALL_TAPS, pool="meanmax"))
+    with torch.no_grad():
+        maps = body.trunk(torch.zeros(1, 3, 64, 64), [str(t) for t in ALL_TAPS])
+    return tuple(maps[str(tap)].shape[1] for tap in ALL_TAPS)
+
+
+def tap_columns(taps: list, pool: str) -> np.ndarray:
+    """Column indices of ``taps`` pooled with ``pool`` inside the rich (all taps, meanmax) vector."""
+    columns, start = [], 0
+    for tap, channels in zip(ALL_TAPS, tap_channels(), strict=True):
+        if tap in taps:
+            mean = np.arange(start, start + channels)
+            max_ = mean + channels
+            columns.append({"mean": mean, "max": max_, "meanmax": np.r_[mean, max_]}[pool])
+        start += 2 * channels
+    return np.concatenate(columns)
+
+
+def split_labels(rows: list[dict], seed: int) -> np.ndarray:
+    """The split of each manifest row under ``data.split.seed = seed`` (75/25, val from train)."""
+    rows = [dict(row) for row in rows]
+    assign_splits(rows, SplitConfig(seed=seed, test_size=0.25, val_size=0.1))
+    return np.array([row["split"] for row in rows])
+
+
+def score(features: FeatureSet, classes: list[str], lever: Lever) -> tuple[float, float, float]:
+    """Train on the split's train part, calibrate on val, score test: (accuracy, auc, seconds)."""
+    head, meta = train_head(features, classes, lever.head, lever.threshold)
+    embeddings, names = features.select("test")
+    labels = np.array([classes.index(name) for name in names])
+    probabilities = predict_proba(head, embeddings)
+    accuracy = float((decide(probabilities, meta.threshold) == labels).mean())
+    return accuracy, roc_auc(probabilities, labels), meta.train_seconds
+
+
+_STATE: dict = {}  # set before the worker pool forks, so workers share the features
+
+
+def _score_job(job: tuple[Lever, int]) -> tuple[float, float, float]:
+    lever, seed = job
+    full = _STATE["bodies"][lever.body]
+    views = VIEW_SUBSETS[BODIES[lever.body][1]][lever.views]
+    sliced = np.ascontiguousarray(
+        full.embeddings[:, views][..., tap_columns(lever.taps, lever.pool)]
+    )
+    features = replace(full, embeddings=sliced, split=split_labels(_STATE["rows"], seed))
+    return score(features, _STATE["classes"], lever)
+
+
+def summarise(lever: Lever, results: list[tuple[float, float, float]]) -> dict:
+    acc, auc, seconds = (np.array(column) for column in zip(*results, strict=True))
+    return {
+        "lever": lever.name,
+        "body": lever.body,
+        "taps": [str(t) for t in lever.taps],
+        "pool": lever.pool,
+        "views": lever.views,
+        "head": lever.head.model_dump(mode="json"),
+        "threshold": lever.threshold,
+        "accuracy_mean": float(acc.mean()),
+        "accuracy_std": float(acc.std(ddof=1)),
+        "roc_auc_mean": float(auc.mean()),
+        "roc_auc_std": float(auc.std(ddof=1)),
+        "accuracy": acc.tolist(),
+        "roc_auc": auc.tolist(),
+        "train_seconds_mean": float(seconds.mean()),
+    }
+
+
+def run_sweep(selected: list[Lever], seeds: list[int], jobs: int, out: Path) -> list[dict]:
+    """Every (lever, seed) pair on a process pool; the table is rewritten after each lever."""
+    import multiprocessing
+
+    tap_channels()  # once, before forking
+    pairs = [(lever, seed) for lever in selected for seed in seeds]
+    table: list[dict] = []
+    context = multiprocessing.get_context("fork")
+    with context.Pool(jobs) as pool:
+        results = pool.imap(_score_job, pairs)
+        for lever in selected:
+            table.append(summarise(lever, [next(results) for _ in seeds]))
+            row = table[-1]
+            print(
+                f"| {row['lever']} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | "
+                f"{row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f} | "
+                f"{row['train_seconds_mean']:.1f} s |",
+                flush=True,
+            )
+            out.write_text(json.dumps({"seeds": seeds, "rows": table}, indent=2))
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--bodies", nargs="+", default=list(BODIES))
+    parser.add_argument("--only", nargs="*", help="lever names (substring match) to run")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel (lever, seed) fits")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workspace.mkdir(parents=True, exist_ok=True)
+    # One manifest for every body; its own split is ignored (each seed re-splits it).
+    prepare(DataConfig(), args.raw, args.workspace / "prepared")
+    (args.workspace / "manifest.csv").write_bytes(
+        (args.workspace / "prepared/manifest.csv").read_bytes()
+    )
+    rows = read_manifest(args.workspace / "manifest.csv")
+    classes = read_classes(args.workspace / "prepared/validation.json")
+    _STATE.update(
+        rows=rows,
+        classes=classes,
+        bodies={
+            name: load_features(extract_body(name, args.workspace, args.raw))
+            for name in args.bodies
+        },
+    )
+    selected = [
+        lever
+        for lever in levers()
+        if lever.body in args.bodies and (not args.only or any(o in lever.name for o in args.only))
+    ]
+    out = args.workspace / "accuracy.json"
+    run_sweep(selected, args.seeds, args.jobs, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
