@@ -312,6 +312,11 @@ def train_head(
     train_y = np.array([index[label] for label in train_labels], dtype=np.int64)
     val_y = np.array([index[label] for label in val_labels], dtype=np.int64)
     device = resolve_device(config.device)
+    if config.C == "auto" and config.type != "logistic":
+        raise ConfigError(
+            "head.C: 'auto' tunes the logistic head's L2 strength; the mlp head is regularised "
+            "by head.dropout and early stopping. Set head.C to a number or head.type to logistic."
+        )
 
     started = time.perf_counter()
     C = choose_C(train_x, train_y, len(classes), config, device) if config.C == "auto" else config.C

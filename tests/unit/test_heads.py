@@ -213,6 +213,11 @@ def test_three_classes_use_softmax_and_no_threshold():
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
 
 
+def test_C_auto_with_an_mlp_head_is_a_config_error():
+    with pytest.raises(ConfigError, match="head.C"):
+        train_head(make_features(), CLASSES, HeadConfig(type="mlp", C="auto", device="cpu"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_requested_without_a_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="head.device"):
