@@ -88,6 +88,13 @@ def levers() -> list[Lever]:
             head=HeadConfig(C=0.1),
         ),
         Lever(
+            "taps 3..head, 300 px, meanmax, flip, C 0.1, threshold auto",
+            **{**rich, "body": "300-flip"},
+            views="flip",
+            head=HeadConfig(C=0.1),
+            threshold="auto",
+        ),
+        Lever(
             "taps 3..head, 300 px, meanmax, flip, mlp",
             **{**rich, "body": "300-flip"},
             views="flip",

@@ -17,6 +17,7 @@ import os
 import time
 
 import numpy as np
+import torch
 
 from headswap.config import HeadConfig
 from headswap.data import read_classes
@@ -26,7 +27,9 @@ from headswap.heads import train_head
 HEADS = {
     "logistic C=1": HeadConfig(device="cpu"),
     "logistic C=auto (5-fold CV over 9 C)": HeadConfig(C="auto", device="cpu"),
-    "mlp 512, dropout 0.5": HeadConfig(type="mlp", hidden=512, dropout=0.5, max_iter=300, device="cpu"),
+    "mlp 512, dropout 0.5": HeadConfig(
+        type="mlp", hidden=512, dropout=0.5, max_iter=300, device="cpu"
+    ),
 }
 
 
@@ -48,11 +51,17 @@ def main() -> None:
     parser.add_argument("features", help="features.npz")
     parser.add_argument("validation", help="validation.json (class order)")
     parser.add_argument("--only", nargs="*", help="head names (substring) to time")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     features = load_features(args.features)
     classes = read_classes(args.validation)
     n, v, d = features.select("train")[0].shape
-    print(f"train split: {n} images x {v} views x {d} dims; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"train split: {n} images x {v} views x {d} dims; torch threads {torch.get_num_threads()}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     reference = sklearn_seconds(features, classes)
     print(f"| head | seconds | vs sklearn LogisticRegression(C=1) |\n|---|---|---|")
     print(f"| sklearn LogisticRegression C=1 (reference) | {reference:.2f} | 1.00 |")
@@ -62,7 +71,9 @@ def main() -> None:
         started = time.perf_counter()
         _, meta = train_head(features, classes, config, "auto")
         seconds = time.perf_counter() - started
-        print(f"| {name} (C={meta.C:g}, {meta.epochs} steps) | {seconds:.2f} | {seconds / reference:.2f} |")
+        print(
+            f"| {name} (C={meta.C:g}, {meta.epochs} steps) | {seconds:.2f} | {seconds / reference:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -129,7 +129,10 @@ def fit_logistic(
     n_images: int,
     max_iter: int,
 ) -> int:
-    """Full-batch L-BFGS on log-loss + ||W||^2 / (2 C n): sklearn's C, counted per image."""
+    """Full-batch L-BFGS on log-loss + ||W||^2 / (2 C n): sklearn's C, counted per image.
+
+    ``x`` is already standardised with the head's own mean and scale.
+    """
     params = list(head.net.parameters())
     optimizer = torch.optim.LBFGS(
         params,
@@ -145,7 +148,7 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = _loss(head.logits(x), y, w) + weight.pow(2).sum() / (2 * C * n_images)
+        loss = _loss(head.net(x), y, w) + weight.pow(2).sum() / (2 * C * n_images)
         loss.backward()
         state["evaluations"] += 1
         return loss
@@ -163,7 +166,10 @@ def fit_mlp(
     config: HeadConfig,
     generator: torch.Generator,
 ) -> int:
-    """AdamW minibatches with early stopping on validation log-loss (patience 20 epochs)."""
+    """AdamW minibatches with early stopping on validation log-loss (patience 20 epochs).
+
+    ``x`` is already standardised; ``val`` holds raw [N, V, D] embeddings and labels.
+    """
     optimizer = torch.optim.AdamW(head.net.parameters(), lr=1e-3, weight_decay=1e-2)
     best = (float("inf"), None, 0)
     patience, batch = 20, 256
@@ -174,7 +180,7 @@ def fit_mlp(
         for start in range(0, len(x), batch):
             idx = order[start : start + batch]
             optimizer.zero_grad()
-            _loss(head.logits(x[idx]), y[idx], w[idx]).backward()
+            _loss(head.net(x[idx]), y[idx], w[idx]).backward()
             optimizer.step()
         head.eval()
         if val is None:
@@ -258,7 +264,9 @@ def _fit_once(
     head = Head(x.shape[1], n_classes, config.type, config.hidden, config.dropout)
     _fit_standardisation(head, x)
     head = head.to(device, dtype)
-    xt = torch.from_numpy(x).to(device, dtype)
+    # Standardise once: the fits below call head.net on these, not head.logits on raw features,
+    # which would redo two full passes over the matrix at every L-BFGS evaluation.
+    xt = (torch.from_numpy(x).to(device, dtype) - head.mean) / head.scale
     yt = torch.from_numpy(y).to(device)
     wt = torch.from_numpy(class_weights(y, n_classes, config.class_weight)).to(device, dtype)
     if config.type == "logistic":
