@@ -7,8 +7,8 @@ splits (``data.split.seed`` in SEEDS, val carved from the 75%).
 Bodies are expensive, heads are cheap, so the script extracts a few *rich* bodies once over the
 whole dataset (every tap, mean+max pooled, through the project's feature cache) and slices them:
 a lever such as "taps 3..head" or "mean pooling only" or "no views" is a column/view subset of a
-rich body, bit-identical to what that narrower config would extract. The split only decides which
-images are test, so the same features serve every seed.
+rich body: the features that narrower config would extract (up to ONNX Runtime float
+rounding). The split only decides which images are test, so the same features serve every seed.
 
 Usage (from the repository root, ELPV in data/raw as ``headswap ingest`` leaves it)::
 
@@ -141,7 +141,7 @@ def tap_channels() -> tuple[int, ...]:
 
 
 def tap_columns(taps: list, pool: str) -> np.ndarray:
-    """Column indices of ``taps`` pooled with ``pool`` inside the rich (all taps, meanmax) vector."""
+    """Column indices of ``taps`` pooled with ``pool`` in the rich (all taps, meanmax) vector."""
     columns, start = [], 0
     for tap, channels in zip(ALL_TAPS, tap_channels(), strict=True):
         if tap in taps:
@@ -231,7 +231,9 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path, required=True)
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument("--bodies", nargs="+", default=list(BODIES))
+    parser.add_argument(
+        "--bodies", nargs="+", default=["224", "300", "300-flip"], choices=list(BODIES)
+    )
     parser.add_argument("--only", nargs="*", help="lever names (substring match) to run")
     parser.add_argument("--jobs", type=int, default=2, help="parallel (lever, seed) fits")
     parser.add_argument(

@@ -70,8 +70,9 @@ def pr_auc(probabilities: np.ndarray, labels: np.ndarray) -> float | None:
     return float(skm.average_precision_score(onehot, probabilities, average="macro"))
 
 
-def core_metrics(probabilities: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                 classes: list[str]) -> dict:
+def core_metrics(
+    probabilities: np.ndarray, labels: np.ndarray, predictions: np.ndarray, classes: list[str]
+) -> dict:
     """The headline numbers for one set of predictions."""
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         labels, predictions, labels=range(len(classes)), zero_division=0
@@ -91,8 +92,13 @@ def core_metrics(probabilities: np.ndarray, labels: np.ndarray, predictions: np.
     }
 
 
-def bootstrap_ci(probabilities: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                 rounds: int, seed: int = 0) -> dict:
+def bootstrap_ci(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    rounds: int,
+    seed: int = 0,
+) -> dict:
     """Percentile 95% intervals for accuracy and ROC-AUC over resampled test sets."""
     if rounds == 0:
         return {}
@@ -104,14 +110,21 @@ def bootstrap_ci(probabilities: np.ndarray, labels: np.ndarray, predictions: np.
         auc = roc_auc(probabilities[sample], labels[sample])
         if auc is not None:
             aucs.append(auc)
-    ci = {"accuracy": [float(np.percentile(accuracies, 2.5)), float(np.percentile(accuracies, 97.5))]}
+    ci = {
+        "accuracy": [float(np.percentile(accuracies, 2.5)), float(np.percentile(accuracies, 97.5))]
+    }
     if aucs:
         ci["roc_auc"] = [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
     return ci
 
 
-def slice_metrics(rows: list[dict], probabilities: np.ndarray, labels: np.ndarray,
-                  predictions: np.ndarray, columns: list[str]) -> dict:
+def slice_metrics(
+    rows: list[dict],
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    columns: list[str],
+) -> dict:
     """Accuracy, balanced accuracy and AUC for each value of each requested manifest column."""
     out: dict[str, dict] = {}
     for column in columns:
@@ -126,14 +139,22 @@ def slice_metrics(rows: list[dict], probabilities: np.ndarray, labels: np.ndarra
                 "accuracy": float((predictions[mask] == labels[mask]).mean()),
                 "balanced_accuracy": float(
                     skm.balanced_accuracy_score(labels[mask], predictions[mask])
-                ) if len(np.unique(labels[mask])) > 1 else None,
+                )
+                if len(np.unique(labels[mask])) > 1
+                else None,
                 "roc_auc": roc_auc(probabilities[mask], labels[mask]),
             }
     return out
 
 
-def evaluate_head(head: Head, meta: HeadMeta, features: FeatureSet, manifest_path: Path,
-                  config: EvaluateConfig, reports_dir: Path) -> EvaluateResult:
+def evaluate_head(
+    head: Head,
+    meta: HeadMeta,
+    features: FeatureSet,
+    manifest_path: Path,
+    config: EvaluateConfig,
+    reports_dir: Path,
+) -> EvaluateResult:
     """Score the test split; write metrics.json, predictions.csv and the plots."""
     from headswap.heads import predict_proba
 
@@ -153,21 +174,27 @@ def evaluate_head(head: Head, meta: HeadMeta, features: FeatureSet, manifest_pat
         temperature=meta.temperature,
         threshold=meta.threshold,
         classes=meta.classes,
-        confusion_matrix=skm.confusion_matrix(labels, predictions, labels=range(len(meta.classes))).tolist(),
+        confusion_matrix=skm.confusion_matrix(
+            labels, predictions, labels=range(len(meta.classes))
+        ).tolist(),
         ci95=bootstrap_ci(probabilities, labels, predictions, config.bootstrap),
         slices=slice_metrics(test_rows, probabilities, labels, predictions, config.slices),
     )
     reports_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = reports_dir / "metrics.json"
     atomic_write_text(metrics_path, json.dumps(result, indent=2))
-    _write_predictions(reports_dir / "predictions.csv", test_rows, probabilities, predictions, meta.classes)
+    _write_predictions(
+        reports_dir / "predictions.csv", test_rows, probabilities, predictions, meta.classes
+    )
     from headswap.plots import write_plots
 
     write_plots(reports_dir / "plots", probabilities, labels, predictions, meta.classes)
     return EvaluateResult(metrics_path, result)
 
 
-def _probabilities_at_temperature(head: Head, embeddings: np.ndarray, temperature: float) -> np.ndarray:
+def _probabilities_at_temperature(
+    head: Head, embeddings: np.ndarray, temperature: float
+) -> np.ndarray:
     from headswap.heads import predict_proba
 
     saved = float(head.temperature)
@@ -178,13 +205,25 @@ def _probabilities_at_temperature(head: Head, embeddings: np.ndarray, temperatur
         head.temperature.fill_(saved)
 
 
-def _write_predictions(path: Path, rows: list[dict], probabilities: np.ndarray,
-                       predictions: np.ndarray, classes: list[str]) -> None:
+def _write_predictions(
+    path: Path,
+    rows: list[dict],
+    probabilities: np.ndarray,
+    predictions: np.ndarray,
+    classes: list[str],
+) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "sha256", "label", "predicted", *[f"p_{name}" for name in classes]])
     for row, probs, predicted in zip(rows, probabilities, predictions, strict=True):
-        writer.writerow([row["path"], row["sha256"], row["label"], classes[predicted],
-                         *[f"{p:.8f}" for p in probs]])
+        writer.writerow(
+            [
+                row["path"],
+                row["sha256"],
+                row["label"],
+                classes[predicted],
+                *[f"{p:.8f}" for p in probs],
+            ]
+        )
     with atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue())

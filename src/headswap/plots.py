@@ -34,8 +34,14 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path) ->
     ax.set_ylabel("true")
     top = matrix.max() if matrix.size else 0
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center",
-                color="white" if count > top / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            color="white" if count > top / 2 else "black",
+        )
     ax.set_title(f"Confusion matrix (test, n={int(matrix.sum())})")
     _save(plt, fig, path)
 
@@ -62,8 +68,9 @@ def plot_roc(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], 
     _save(plt, fig, path)
 
 
-def plot_precision_recall(probabilities: np.ndarray, labels: np.ndarray, classes: list[str],
-                          path: Path) -> None:
+def plot_precision_recall(
+    probabilities: np.ndarray, labels: np.ndarray, classes: list[str], path: Path
+) -> None:
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
     plt, fig, ax = _figure()
@@ -78,7 +85,9 @@ def plot_precision_recall(probabilities: np.ndarray, labels: np.ndarray, classes
     _save(plt, fig, path)
 
 
-def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, path: Path, bins: int = 10) -> None:
+def plot_reliability(
+    probabilities: np.ndarray, labels: np.ndarray, path: Path, bins: int = 10
+) -> None:
     plt, fig, ax = _figure()
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
@@ -93,22 +102,36 @@ def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, path: Path, 
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8, label="perfect calibration")
     ax.plot(centres, accuracy, "o-", label="model")
     for x, y, n in zip(centres, accuracy, counts, strict=True):
-        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
-    ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (test; n per bin)",
-           xlim=(0, 1), ylim=(0, 1.05))
+        ax.annotate(
+            str(n), (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center"
+        )
+    ax.set(
+        xlabel="confidence",
+        ylabel="accuracy",
+        title="Reliability (test; n per bin)",
+        xlim=(0, 1),
+        ylim=(0, 1.05),
+    )
     ax.legend(loc="upper left")
     _save(plt, fig, path)
 
 
-def write_plots(plots_dir: Path, probabilities: np.ndarray, labels: np.ndarray,
-                predictions: np.ndarray, classes: list[str]) -> list[Path]:
+def write_plots(
+    plots_dir: Path,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    classes: list[str],
+) -> list[Path]:
     """Write all evaluation plots; returns their paths."""
     from sklearn.metrics import confusion_matrix
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     matrix = confusion_matrix(labels, predictions, labels=range(len(classes)))
-    paths = {name: plots_dir / f"{name}.png" for name in
-             ("confusion_matrix", "roc", "precision_recall", "reliability")}
+    paths = {
+        name: plots_dir / f"{name}.png"
+        for name in ("confusion_matrix", "roc", "precision_recall", "reliability")
+    }
     plot_confusion_matrix(matrix, classes, paths["confusion_matrix"])
     plot_roc(probabilities, labels, classes, paths["roc"])
     plot_precision_recall(probabilities, labels, classes, paths["precision_recall"])

@@ -1,4 +1,4 @@
-"""Learning curve: per-class subsampling, the table and plot, and the MLflow run (real sqlite store)."""
+"""Learning curve: per-class subsampling, table and plot, MLflow run (real sqlite store)."""
 
 from __future__ import annotations
 
