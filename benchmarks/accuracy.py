@@ -88,6 +88,18 @@ def levers() -> list[Lever]:
             head=HeadConfig(C=0.1),
         ),
         Lever(
+            "taps 3..head, 300 px, meanmax, flip, C 0.01",
+            **{**rich, "body": "300-flip"},
+            views="flip",
+            head=HeadConfig(C=0.01),
+        ),
+        Lever(
+            "taps 3..head, 300 px, meanmax, flip, C 0.003",
+            **{**rich, "body": "300-flip"},
+            views="flip",
+            head=HeadConfig(C=0.003),
+        ),
+        Lever(
             "taps 3..head, 300 px, meanmax, flip, C 0.1, threshold auto",
             **{**rich, "body": "300-flip"},
             views="flip",
