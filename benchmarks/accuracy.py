@@ -94,6 +94,25 @@ def levers() -> list[Lever]:
             head=HeadConfig(C=0.01),
         ),
         Lever(
+            "taps 3..head, 300 px, meanmax, flip, C 0.03",
+            **{**rich, "body": "300-flip"},
+            views="flip",
+            head=HeadConfig(C=0.03),
+        ),
+        Lever(
+            "all taps 0..head, 300 px, meanmax, flip, C 0.01",
+            "300-flip",
+            ALL_TAPS,
+            "meanmax",
+            "flip",
+            head=HeadConfig(C=0.01),
+        ),
+        Lever(
+            "taps 3..head, 300 px, meanmax, C 0.01",
+            **rich,
+            head=HeadConfig(C=0.01),
+        ),
+        Lever(
             "taps 3..head, 300 px, meanmax, flip, C 0.003",
             **{**rich, "body": "300-flip"},
             views="flip",

@@ -26,7 +26,7 @@ from headswap.heads import train_head
 
 HEADS = {
     "logistic C=1": HeadConfig(device="cpu"),
-    "logistic C=0.1 (the default)": HeadConfig(C=0.1, device="cpu"),
+    "logistic C=0.01 (the default)": HeadConfig(C=0.01, device="cpu"),
     "logistic C=auto (5-fold CV over 9 C)": HeadConfig(C="auto", device="cpu"),
     "mlp 512, dropout 0.5": HeadConfig(
         type="mlp", hidden=512, dropout=0.5, max_iter=300, device="cpu"
