@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import yaml
 from conftest import run
 
 
@@ -27,4 +28,5 @@ def test_flow_runs_pipeline_records_experiment_and_registers(make_workspace):
     mlflow_run = mlflow.get_run(registration["run_id"])
     assert mlflow_run.data.tags["headswap.dvc_experiment"] in experiments
     assert mlflow_run.data.tags["headswap.prefect_flow_run_id"]
-    assert mlflow_run.data.params["head.C"] == "1.0"
+    configured_C = yaml.safe_load((workspace / "params.yaml").read_text())["head"]["C"]
+    assert mlflow_run.data.params["head.C"] == str(configured_C)
