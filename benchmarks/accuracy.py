@@ -143,6 +143,12 @@ def levers() -> list[Lever]:
         Lever("taps 3..head, 300 px, meanmax, threshold auto", **rich, threshold="auto"),
         Lever("taps 3..head, 300 px, meanmax, C auto", **rich, head=HeadConfig(C="auto")),
         Lever(
+            "taps 3..head, 300 px, meanmax, d4, C 0.003",
+            **{**rich, "body": "300-d4"},
+            views="d4",
+            head=HeadConfig(C=0.003),
+        ),
+        Lever(
             "taps 3..head, 300 px, meanmax, d4, C 0.01",
             **{**rich, "body": "300-d4"},
             views="d4",
