@@ -33,7 +33,7 @@ REPORTS = Path("reports")
 
 
 def friendly_errors(command):
-    """Print HeadswapError (and pydantic/YAML problems already turned into one) without a traceback."""
+    """Print a HeadswapError as one line and exit 1, without a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -59,8 +59,10 @@ def ingest(params: ParamsOption = Path("params.yaml")) -> None:
     from headswap.data import ingest as run_ingest
 
     result = run_ingest(_params(params).data, RAW_DIR)
-    console.print(f"ingested {sum(result.class_counts.values())} files into {result.root}: "
-                  f"{result.class_counts}")
+    console.print(
+        f"ingested {sum(result.class_counts.values())} files into {result.root}: "
+        f"{result.class_counts}"
+    )
 
 
 @app.command()
@@ -72,11 +74,18 @@ def prepare(params: ParamsOption = Path("params.yaml")) -> None:
     result = run_prepare(_params(params).data, RAW_DIR, PREPARED)
     console.print(f"manifest: {result.manifest} {result.class_counts}")
     if result.skipped:
-        console.print(f"[yellow]skipped {result.skipped} unreadable file(s) (data.on_bad_image: "
-                      f"skip); listed in {result.report}:[/]", highlight=False)
+        console.print(
+            f"[yellow]skipped {result.skipped} unreadable file(s) (data.on_bad_image: "
+            f"skip); listed in {result.report}:[/]",
+            highlight=False,
+        )
         for item in result.skipped_files:
-            console.print(f"  skipped {item['path']}: {item['reason']}", highlight=False,
-                          markup=False, soft_wrap=True)
+            console.print(
+                f"  skipped {item['path']}: {item['reason']}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
 
 
 @app.command()
@@ -86,10 +95,13 @@ def features(params: ParamsOption = Path("params.yaml")) -> None:
     from headswap.features import extract_features
 
     config = _params(params)
-    result = extract_features(config.backbone, config.features, PREPARED / "manifest.csv",
-                              RAW_DIR, FEATURES)
-    console.print(f"features: {result.images} images x {result.views} view(s) x {result.dim} dims "
-                  f"({result.cache_hits} from cache, engine {result.engine})")
+    result = extract_features(
+        config.backbone, config.features, PREPARED / "manifest.csv", RAW_DIR, FEATURES
+    )
+    console.print(
+        f"features: {result.images} images x {result.views} view(s) x {result.dim} dims "
+        f"({result.cache_hits} from cache, engine {result.engine})"
+    )
 
 
 @app.command()
@@ -104,8 +116,10 @@ def train(params: ParamsOption = Path("params.yaml")) -> None:
     classes = read_classes(PREPARED / "validation.json")
     head, meta = train_head(load_features(FEATURES), classes, config.head, config.evaluate)
     save_head(head, meta, MODELS / "head.pt", MODELS / "head.json")
-    console.print(f"head: {meta.type} C={meta.C:g} on {meta.device} in {meta.train_seconds:.2f}s, "
-                  f"temperature {meta.temperature:.3f}, threshold {meta.threshold}")
+    console.print(
+        f"head: {meta.type} C={meta.C:g} on {meta.device} in {meta.train_seconds:.2f}s, "
+        f"temperature {meta.temperature:.3f}, threshold {meta.threshold}"
+    )
 
 
 @app.command()
@@ -118,11 +132,14 @@ def evaluate(params: ParamsOption = Path("params.yaml")) -> None:
 
     config = _params(params)
     head, meta = load_head(MODELS / "head.pt", MODELS / "head.json")
-    result = evaluate_head(head, meta, load_features(FEATURES), PREPARED / "manifest.csv",
-                           config.evaluate, REPORTS)
+    result = evaluate_head(
+        head, meta, load_features(FEATURES), PREPARED / "manifest.csv", config.evaluate, REPORTS
+    )
     m = result.metrics
-    console.print(f"test: accuracy {m['accuracy']:.4f}, roc_auc {m['roc_auc']}, "
-                  f"balanced_accuracy {m['balanced_accuracy']:.4f} (n={m['n']})")
+    console.print(
+        f"test: accuracy {m['accuracy']:.4f}, roc_auc {m['roc_auc']}, "
+        f"balanced_accuracy {m['balanced_accuracy']:.4f} (n={m['n']})"
+    )
 
 
 @app.command()
@@ -134,9 +151,17 @@ def export(params: ParamsOption = Path("params.yaml")) -> None:
 
     config = _params(params)
     head, meta = load_head(MODELS / "head.pt", MODELS / "head.json")
-    result = export_onnx(config.backbone, config.features, config.export, head, meta,
-                         REPORTS / "predictions.csv", RAW_DIR, MODELS / "model.onnx",
-                         REPORTS / "export_parity.json")
+    result = export_onnx(
+        config.backbone,
+        config.features,
+        config.export,
+        head,
+        meta,
+        REPORTS / "predictions.csv",
+        RAW_DIR,
+        MODELS / "model.onnx",
+        REPORTS / "export_parity.json",
+    )
     console.print(f"exported {result.model_path} (max |onnx - torch| = {result.max_abs_diff:.2e})")
 
 
@@ -147,8 +172,10 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
     from headswap.registry import StageFiles, register_model
 
     registration = register_model(_params(params), StageFiles(), MODELS / "registry.json")
-    console.print(f"registered {registration.model_name} v{registration.version} "
-                  f"aliases {registration.aliases} (run {registration.run_id})")
+    console.print(
+        f"registered {registration.model_name} v{registration.version} "
+        f"aliases {registration.aliases} (run {registration.run_id})"
+    )
 
 
 @app.command()
@@ -163,8 +190,9 @@ def promote(
     from headswap.promotion import PromotionFiles, promote_version
 
     files = PromotionFiles(PREPARED / "manifest.csv", RAW_DIR)
-    outcome = promote_version(_params(params).registry, files, version=version, force=force,
-                              reason=reason)
+    outcome = promote_version(
+        _params(params).registry, files, version=version, force=force, reason=reason
+    )
     if outcome.comparison is not None:
         _print_comparison(outcome.comparison)
     colour = "green" if outcome.promoted else "yellow"
@@ -183,11 +211,14 @@ def _print_comparison(comparison) -> None:
 
     rows = comparison.table_rows()
     n = len(comparison.champion.labels)
-    table = Table(title=f"challenger v{comparison.challenger.version} vs champion "
-                  f"v{comparison.champion.version} on {n} test images")
+    table = Table(
+        title=f"challenger v{comparison.challenger.version} vs champion "
+        f"v{comparison.champion.version} on {n} test images"
+    )
     for column in rows[0]:
-        table.add_column(column, justify="right" if column in ("champion", "challenger", "delta")
-                         else "left")
+        table.add_column(
+            column, justify="right" if column in ("champion", "challenger", "delta") else "left"
+        )
     for row in rows:
         style = "red" if row["result"] == "FAIL" else None
         table.add_row(*row.values(), style=style)
@@ -208,13 +239,26 @@ def history(params: ParamsOption = Path("params.yaml")) -> None:
         table.add_column(column)
     for entry in read(config):
         gate = entry.get("gate") or {}
-        verdict = entry.get("refusal") or ("" if not gate else "passed" if gate["passed"] else
-                                           "failed: " + ", ".join(gate["failed"]))
+        verdict = entry.get("refusal") or (
+            ""
+            if not gate
+            else "passed"
+            if gate["passed"]
+            else "failed: " + ", ".join(gate["failed"])
+        )
         if entry.get("forced"):
             verdict = f"FORCED ({entry.get('override')}) {verdict}"
-        table.add_row(str(entry["seq"]), entry["time"], entry["action"], entry["outcome"],
-                      f"v{entry['old_version']}" if entry["old_version"] else "-",
-                      f"v{entry['new_version']}", entry["user"], entry["reason"], verdict)
+        table.add_row(
+            str(entry["seq"]),
+            entry["time"],
+            entry["action"],
+            entry["outcome"],
+            f"v{entry['old_version']}" if entry["old_version"] else "-",
+            f"v{entry['new_version']}",
+            entry["user"],
+            entry["reason"],
+            verdict,
+        )
     _wide_console().print(table)
 
 
@@ -235,8 +279,13 @@ def rollback(
 @friendly_errors
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive)")],
-    model: Annotated[str | None, typer.Option(help="models:/<name>@<alias>, models:/<name>/<n> "
-                                              "or a .onnx file (default: the champion)")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="models:/<name>@<alias>, models:/<name>/<n> "
+            "or a .onnx file (default: the champion)"
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="CSV to write (atomically)")] = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
     params: ParamsOption = Path("params.yaml"),
@@ -246,14 +295,17 @@ def predict(
 
     uri = model or champion_uri(_params(params).registry)
     result = predict_images(uri, inputs, out, batch_size=batch_size)
-    console.print(f"wrote {result.out}: {result.rows} rows, {result.errors} unreadable; "
-                  f"predicted {result.class_counts} with {uri}")
+    console.print(
+        f"wrote {result.out}: {result.rows} rows, {result.errors} unreadable; "
+        f"predicted {result.class_counts} with {uri}"
+    )
 
 
 @app.command()
 @friendly_errors
-def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages (default: all)")] = None
-          ) -> None:
+def repro(
+    targets: Annotated[list[str] | None, typer.Argument(help="stages (default: all)")] = None,
+) -> None:
     """`dvc repro` that waits while another run holds the workspace lock, instead of failing."""
     from headswap.workspace import repro as run_repro
 
@@ -282,14 +334,22 @@ def learning_curve(
 
         raise DataError(f"{FEATURES} not found: run `dvc repro features` (or `make run`) first")
     classes = read_classes(PREPARED / "validation.json")
-    points = run_curve(load_features(FEATURES), classes, config.head, config.evaluate.threshold,
-                       parse_sizes(sizes), seeds)
+    points = run_curve(
+        load_features(FEATURES),
+        classes,
+        config.head,
+        config.evaluate.threshold,
+        parse_sizes(sizes),
+        seeds,
+    )
     title = f"{config.backbone.name} + {config.head.type} head: learning curve ({seeds} seeds)"
     outputs = write_outputs(points, REPORTS, title)
     for p in points:
         auc = "n/a" if p.roc_auc_mean is None else f"{p.roc_auc_mean:.4f} ± {p.roc_auc_std:.4f}"
-        console.print(f"{p.per_class or 'all':>5}/class ({p.train_images} images): accuracy "
-                      f"{p.accuracy_mean:.4f} ± {p.accuracy_std:.4f}, roc_auc {auc}")
+        console.print(
+            f"{p.per_class or 'all':>5}/class ({p.train_images} images): accuracy "
+            f"{p.accuracy_mean:.4f} ± {p.accuracy_std:.4f}, roc_auc {auc}"
+        )
     console.print(f"wrote {outputs.plot}, {outputs.table_csv}, {outputs.table_json}")
     if mlflow_log:
         console.print(f"MLflow run {log_to_mlflow(points, outputs, config, seeds)}")

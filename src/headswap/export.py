@@ -82,10 +82,18 @@ def _export(model: DeployableModel, size: int, opset: int, target: Path, metadat
     example = torch.zeros(2, 3, size, size)
     with atomic_path(target) as tmp:
         torch.onnx.export(
-            model, (example,), str(tmp),
-            input_names=["pixels"], output_names=["probabilities", "label"],
-            dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}, "label": {0: "batch"}},
-            opset_version=opset, dynamo=False,
+            model,
+            (example,),
+            str(tmp),
+            input_names=["pixels"],
+            output_names=["probabilities", "label"],
+            dynamic_axes={
+                "pixels": {0: "batch"},
+                "probabilities": {0: "batch"},
+                "label": {0: "batch"},
+            },
+            opset_version=opset,
+            dynamo=False,
         )
         proto = onnx.load(str(tmp))
         for key, value in metadata.items():
@@ -94,11 +102,15 @@ def _export(model: DeployableModel, size: int, opset: int, target: Path, metadat
         onnx.save(proto, str(tmp))
 
 
-def _parity_inputs(predictions_csv: Path, raw_dir: Path, spec: BackboneSpec) -> tuple[list[str], np.ndarray]:
+def _parity_inputs(
+    predictions_csv: Path, raw_dir: Path, spec: BackboneSpec
+) -> tuple[list[str], np.ndarray]:
     with open(predictions_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))[: max(PARITY_BATCH_SIZES)]
     prep = spec.preprocessing
-    pixels = np.stack([load_model_input(raw_dir / r["path"], prep.size, prep.interpolation) for r in rows])
+    pixels = np.stack(
+        [load_model_input(raw_dir / r["path"], prep.size, prep.interpolation) for r in rows]
+    )
     return [r["path"] for r in rows], pixels
 
 
@@ -120,14 +132,24 @@ def check_parity(model: DeployableModel, onnx_path: Path, pixels: np.ndarray) ->
     return report
 
 
-def export_onnx(backbone: BackboneConfig, features: FeaturesConfig, config: ExportConfig,
-                head: Head, meta: HeadMeta, predictions_csv: Path, raw_dir: Path,
-                model_path: Path, parity_path: Path) -> ExportResult:
+def export_onnx(
+    backbone: BackboneConfig,
+    features: FeaturesConfig,
+    config: ExportConfig,
+    head: Head,
+    meta: HeadMeta,
+    predictions_csv: Path,
+    raw_dir: Path,
+    model_path: Path,
+    parity_path: Path,
+) -> ExportResult:
     """Export and verify; raises ParityError (and keeps no model file) if ONNX disagrees."""
     body, spec = load_body(backbone)
     model = DeployableModel(body, head, features.views, meta.threshold).eval()
     staged = model_path.with_name(model_path.name + ".unverified")
-    _export(model, spec.preprocessing.size, config.opset, staged, model_metadata(spec, meta, features))
+    _export(
+        model, spec.preprocessing.size, config.opset, staged, model_metadata(spec, meta, features)
+    )
     paths, pixels = _parity_inputs(predictions_csv, raw_dir, spec)
     report = check_parity(model, staged, pixels)
     worst = max(entry["max_abs_diff"] for entry in report.values())

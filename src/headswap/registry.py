@@ -181,9 +181,7 @@ def _ensure_experiment(client, name: str, root: Path) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _log_run_contents(
-    params: Params, files: StageFiles, metrics: dict, validation: dict
-) -> None:
+def _log_run_contents(params: Params, files: StageFiles, metrics: dict, validation: dict) -> None:
     import mlflow
 
     mlflow.log_params(flatten_params(params))

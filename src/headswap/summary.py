@@ -58,8 +58,9 @@ def format_summary(summary: dict) -> str:
             "next:",
             "  make ui               # Prefect UI :4200 + MLflow UI :5000 (run, plots, model)",
             "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # MLflow UI only",
-            "  .venv/bin/dvc repro   # re-run only what params.yaml changes made stale",
+            "  make repro            # after editing params.yaml: re-run only the stale stages",
             "  .venv/bin/dvc exp show   # compare runs (UI runs are experiments train-<run id>)",
+            "  .venv/bin/headswap promote   # gate the challenger against the champion",
         ]
     )
 

@@ -59,8 +59,11 @@ def run_command(
 
     def attempt() -> tuple[int, str]:
         completed = subprocess.run(
-            command, cwd=cwd, env={**os.environ, "PATH": path, **(env or {})},
-            capture_output=True, text=True,
+            command,
+            cwd=cwd,
+            env={**os.environ, "PATH": path, **(env or {})},
+            capture_output=True,
+            text=True,
         )
         return completed.returncode, completed.stdout + completed.stderr
 
@@ -90,8 +93,11 @@ def wait_for_dvc_lock(attempt: Callable[[], tuple[int, str]]) -> tuple[int, str]
                 "if no DVC process is running, delete .dvc/tmp/lock)"
             )
         if not announced:
-            print("another DVC run holds this workspace; waiting for it to finish...",
-                  file=sys.stderr, flush=True)
+            print(
+                "another DVC run holds this workspace; waiting for it to finish...",
+                file=sys.stderr,
+                flush=True,
+            )
             announced = True
         time.sleep(LOCK_POLL_S)
 
@@ -106,8 +112,11 @@ def repro(targets: list[str]) -> int:
 
     def attempt() -> tuple[int, str]:
         with subprocess.Popen(
-            command, env={**os.environ, "PATH": path}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            command,
+            env={**os.environ, "PATH": path},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         ) as process:
             output = "".join(_echo(line) for line in process.stdout)
         return process.returncode, output
