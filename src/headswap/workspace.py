@@ -46,26 +46,39 @@ def _executable(name: str) -> str:
 
 
 def run_command(
-    args: list[str], env: Mapping[str, str] | None = None, cwd: Path = Path(".")
+    args: list[str],
+    env: Mapping[str, str] | None = None,
+    cwd: Path = Path("."),
+    echo: bool = False,
 ) -> CommandResult:
-    """Run a tool, streaming nothing; on failure raise StageError with the tail of its output.
+    """Run a tool; on failure raise StageError with the tail of its output.
 
+    With ``echo`` its output is also streamed to stdout as it comes, so a person watching
+    `make run` sees each stage start and finish instead of minutes of silence.
     DVC commands wait for another DVC process's lock (see ``wait_for_dvc_lock``) instead of
     failing, so two runs started together queue up rather than crash.
     """
     command = [_executable(args[0]), *args[1:]]
     # dvc.yaml stages call `headswap`; make sure they find the one installed beside us.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    full_env = {**os.environ, "PATH": path, **(env or {})}
 
     def attempt() -> tuple[int, str]:
-        completed = subprocess.run(
+        if not echo:
+            completed = subprocess.run(
+                command, cwd=cwd, env=full_env, capture_output=True, text=True
+            )
+            return completed.returncode, completed.stdout + completed.stderr
+        with subprocess.Popen(
             command,
             cwd=cwd,
-            env={**os.environ, "PATH": path, **(env or {})},
-            capture_output=True,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-        )
-        return completed.returncode, completed.stdout + completed.stderr
+        ) as process:
+            output = "".join(_echo(line) for line in process.stdout)
+        return process.returncode, output
 
     returncode, output = wait_for_dvc_lock(attempt) if args[0] == "dvc" else attempt()
     if returncode != 0:
@@ -124,9 +137,18 @@ def repro(targets: list[str]) -> int:
     return wait_for_dvc_lock(attempt)[0]
 
 
+# DVC's hints about git and remotes: the flow does both itself, so they only confuse.
+DVC_HINTS = (
+    "To track the changes with git",
+    "git add ",
+    "Use `dvc push`",
+    "To enable auto staging",
+)
+
+
 def _echo(line: str) -> str:
-    """Stream a DVC output line, except the lock complaints that the wait replaces."""
-    if not any(message in line for message in DVC_LOCK_MESSAGES):
+    """Stream a DVC output line, except lock complaints (the wait replaces them) and hints."""
+    if not any(message in line for message in (*DVC_LOCK_MESSAGES, *DVC_HINTS)):
         sys.stdout.write(line)
         sys.stdout.flush()
     return line
@@ -220,7 +242,7 @@ def pipeline_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
 def repro_stage(stage: str, env: Mapping[str, str] | None = None) -> bool:
     """``dvc repro --single-item <stage>``. True if DVC ran it; False if up to date or restored
     from the run cache."""
-    result = run_command(["dvc", "repro", "--single-item", stage], env=env)
+    result = run_command(["dvc", "repro", "--single-item", stage], env=env, echo=True)
     return f"Running stage '{stage}'" in result.output
 
 
