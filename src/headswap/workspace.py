@@ -143,6 +143,7 @@ DVC_HINTS = (
     "git add ",
     "Use `dvc push`",
     "To enable auto staging",
+    "lock file 'dvc.lock'",
 )
 
 
