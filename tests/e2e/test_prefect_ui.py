@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from headswap.config import load_params
 from tests import prefect_stack as stack
 from tests.prefect_stack import api_client, mlflow_runs, wait_for_final_state
 
@@ -95,7 +96,10 @@ def test_custom_run_from_the_ui_completes(served_workspace, chromium_driver, tmp
         click("//*[normalize-space()='Custom run']")
         wait.until(ready.url_contains("/run"))
         c_input = wait.until(ready.element_to_be_clickable((By.XPATH, C_INPUT)))
-        assert c_input.get_attribute("value") == "1", "the form should show params.yaml's C"
+        configured_c = load_params(served_workspace.root / "params.yaml").head.C
+        assert float(c_input.get_attribute("value")) == configured_c, (
+            "the form shows params.yaml's C"
+        )
         c_input.send_keys(Keys.CONTROL, "a")  # select, then type over, as a person would
         c_input.send_keys(NEW_C)
         driver.save_screenshot(str(shots / "prefect-custom-run-form.png"))
