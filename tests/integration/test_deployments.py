@@ -14,6 +14,8 @@ import pytest
 import yaml
 from prefect.exceptions import PrefectHTTPStatusError
 
+from headswap.config import load_params
+from headswap.flow_params import TrainParameters
 from tests import prefect_stack as stack
 from tests.prefect_stack import api_client, dvc_experiments, mlflow_runs, wait_for_final_state
 
@@ -32,18 +34,10 @@ def test_form_defaults_are_params_yaml_values(served_workspace):
     with api_client(served_workspace.server) as client:
         deployment = client.read_deployment_by_name("train/train")
         others = [client.read_deployment_by_name(f"{n}/{n}") for n in ("promote", "predict")]
-    assert deployment.parameters == {
-        "parameters": {
-            "backbone": "efficientnet_lite0",
-            "taps": ["head"],
-            "views": "none",
-            "head_type": "logistic",
-            "C": 1.0,
-            "class_weight": "none",
-            "split_seed": 0,
-            "auto_promote": False,
-        }
-    }
+    params = load_params(served_workspace.root / "params.yaml")
+    expected = TrainParameters.from_params(params).model_dump(mode="json")
+    assert deployment.parameters == {"parameters": expected}
+    assert expected["C"] == params.head.C and expected["taps"] == list(params.backbone.taps)
     schema = deployment.parameter_openapi_schema["definitions"]
     assert "torchvision/resnet50" in schema["Backbone"]["enum"]
     assert deployment.global_concurrency_limit.limit == 1
