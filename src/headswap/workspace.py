@@ -58,6 +58,17 @@ def run_command(
     DVC commands wait for another DVC process's lock (see ``wait_for_dvc_lock``) instead of
     failing, so two runs started together queue up rather than crash.
     """
+    command, returncode, output = _execute(args, env, cwd, echo)
+    if returncode != 0:
+        tail = "\n".join(line for line in output.strip().splitlines()[-15:])
+        raise StageError(f"`{' '.join(args)}` failed (exit {returncode}):\n{tail}")
+    return CommandResult(command, output)
+
+
+def _execute(
+    args: list[str], env: Mapping[str, str] | None, cwd: Path, echo: bool
+) -> tuple[list[str], int, str]:
+    """(resolved command, exit status, combined output); DVC commands wait for the lock."""
     command = [_executable(args[0]), *args[1:]]
     # dvc.yaml stages call `headswap`; make sure they find the one installed beside us.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -81,10 +92,7 @@ def run_command(
         return process.returncode, output
 
     returncode, output = wait_for_dvc_lock(attempt) if args[0] == "dvc" else attempt()
-    if returncode != 0:
-        tail = "\n".join(line for line in output.strip().splitlines()[-15:])
-        raise StageError(f"`{' '.join(args)}` failed (exit {returncode}):\n{tail}")
-    return CommandResult(command, output)
+    return command, returncode, output
 
 
 def wait_for_dvc_lock(attempt: Callable[[], tuple[int, str]]) -> tuple[int, str]:
@@ -120,21 +128,7 @@ def repro(targets: list[str]) -> int:
 
     Returns DVC's exit status.
     """
-    command = [_executable("dvc"), "repro", *targets]
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-
-    def attempt() -> tuple[int, str]:
-        with subprocess.Popen(
-            command,
-            env={**os.environ, "PATH": path},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        ) as process:
-            output = "".join(_echo(line) for line in process.stdout)
-        return process.returncode, output
-
-    return wait_for_dvc_lock(attempt)[0]
+    return _execute(["dvc", "repro", *targets], None, Path("."), echo=True)[1]
 
 
 # DVC's hints about git and remotes: the flow does both itself, so they only confuse.
