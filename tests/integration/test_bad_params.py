@@ -7,7 +7,6 @@ Each case edits one key of a valid params.yaml. The CLI cases run in-process (ch
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _workspaces import tool_env
 from typer.testing import CliRunner
 
 from headswap.cli import app
@@ -106,22 +106,6 @@ def make_workspace(root: Path) -> Path:
             )
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=tool_env())
     return root
-
-
-def tool_env(**extra: str) -> dict[str, str]:
-    """The test's interpreter's tools first on PATH, this checkout's sources first on the path."""
-    bin_dir = str(Path(sys.executable).parent)
-    pythonpath = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {
-        **os.environ,
-        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-        "PYTHONPATH": pythonpath,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        # a loaded machine can take longer than the 20 s default to start the temporary server
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        **extra,
-    }
 
 
 @pytest.mark.slow

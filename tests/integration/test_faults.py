@@ -10,12 +10,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _workspaces import tool_env
 from PIL import Image
 
 from headswap.config import DataConfig
@@ -23,18 +23,6 @@ from headswap.data import prepare
 from headswap.features import FeatureCache, load_features
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tool_env(**extra: str) -> dict[str, str]:
-    """This interpreter's tools first on PATH and this checkout's sources first on the path."""
-    bin_dir = str(Path(sys.executable).parent)
-    pythonpath = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {
-        **os.environ,
-        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-        "PYTHONPATH": pythonpath,
-        **extra,
-    }
 
 
 # ---------------------------------------------------------------- two `dvc repro` at once
