@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from headswap.ui import Service, free_port, start, stop, wait_until_healthy
+from headswap.ui import Service, free_port, start, stop, wait_for_deployments, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -89,7 +89,7 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
 
 @pytest.fixture(scope="module")
 def served_workspace(prefect_server, tmp_path_factory) -> Iterator[ServedWorkspace]:
-    """`python -m flows.serve` in a fresh workspace copy, until the `train` deployment exists."""
+    """`python -m flows.serve` in a fresh workspace copy, until all its deployments exist."""
     cache = tmp_path_factory.getbasetemp() / "headswap-cache"
     root = make_workspace(tmp_path_factory.mktemp("served") / "workspace", cache)
     env = {
@@ -100,15 +100,10 @@ def served_workspace(prefect_server, tmp_path_factory) -> Iterator[ServedWorkspa
         "HEADSWAP_CACHE_DIR": str(cache),
         "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)]),
     }
-    service = Service(
-        "deployments",
-        [sys.executable, "-m", "flows.serve"],
-        f"{prefect_server.api_url}/deployments/name/train/train",
-        env=env,
-    )
+    service = Service("deployments", [sys.executable, "-m", "flows.serve"], None, env=env)
     start(service, cwd=root)
     try:
-        wait_until_healthy(service)
+        wait_for_deployments(service, prefect_server.api_url)
         yield ServedWorkspace(root, prefect_server, root / service.log_path)
     finally:
         stop(service)

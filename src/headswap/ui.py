@@ -23,6 +23,8 @@ from headswap.errors import HeadswapError
 LOG_DIR = Path(".headswap/ui")
 STARTUP_TIMEOUT_S = 180.0  # a cold Prefect server on a busy 2-core machine takes a minute
 STOP_TIMEOUT_S = 20.0
+# What flows/serve.py serves (its FLOWS keys; tests/unit/test_serve.py keeps the two in step).
+SERVED_DEPLOYMENTS = ("train", "promote", "predict")
 
 
 class UiError(HeadswapError):
@@ -110,6 +112,20 @@ def wait_until_healthy(service: Service, timeout_s: float = STARTUP_TIMEOUT_S) -
         f"{service.name} did not answer {service.health_url} within {timeout_s:.0f} s; "
         f"see {service.log_path}"
     )
+
+
+def wait_for_deployments(service: Service, api_url: str) -> None:
+    """Block until every deployment in SERVED_DEPLOYMENTS exists on the server at ``api_url``.
+
+    ``prefect.serve`` registers deployments one at a time, so the first one answering does not
+    mean the form for the last one is there yet.
+
+    Raises:
+        UiError: the serving process exited first, or a deployment did not appear in time.
+    """
+    for name in SERVED_DEPLOYMENTS:
+        service.health_url = f"{api_url}/deployments/name/{name}/{name}"
+        wait_until_healthy(service)
 
 
 def stop(service: Service, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -265,10 +281,9 @@ def run_ui(config: UiConfig = UiConfig()) -> int:
             if _start_unless_running(service, url, port, config):
                 started.append(service)
         served = deployments(config)
-        served.health_url = f"{config.prefect_url}/api/deployments/name/train/train"
         start(served, config.root)
         started.append(served)
-        wait_until_healthy(served)
+        wait_for_deployments(served, f"{config.prefect_url}/api")
         _print_urls(config)
         return _watch(started)
     except KeyboardInterrupt:

@@ -53,3 +53,9 @@ def test_every_listed_flow_is_served_or_reported_missing(capsys):
 def test_unknown_schedule_key_is_refused():
     with pytest.raises((ConfigError, ValidationError)):
         parse_params({"schedule": {"train_cron": None, "every": "day"}})
+
+
+def test_ui_waits_for_every_served_deployment():
+    from headswap.ui import SERVED_DEPLOYMENTS
+
+    assert set(SERVED_DEPLOYMENTS) == set(FLOWS)
