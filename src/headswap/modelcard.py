@@ -6,7 +6,7 @@ version's description, so the MLflow UI shows it on the version's page.
 
 from __future__ import annotations
 
-from headswap.backbones import BUNDLED, BUNDLED_LICENSE
+from headswap.backbones import BUNDLED_BODIES, BUNDLED_LICENSE
 
 # The model registry stores a version description in a 5000-character column.
 DESCRIPTION_LIMIT = 5000
@@ -28,7 +28,7 @@ LIMITATIONS = [
 
 def backbone_license(backbone: str) -> str:
     """The licence of the backbone's weights, as far as headswap knows it."""
-    if backbone == BUNDLED:
+    if backbone in BUNDLED_BODIES:
         return BUNDLED_LICENSE
     return "as published with the weights (torchvision / timm model docs): check before use"
 

@@ -117,6 +117,40 @@ def test_bundled_lite0_offers_every_block():
     assert info.dim == 80 + 112 + 192 + 320 + 1280
 
 
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)],
+)
+def test_bundled_bodies_carry_real_imagenet_weights(name, size):
+    """Each bundled body, loaded offline from its package, recognises a real photo.
+
+    matplotlib ships Grace Hopper's portrait; ImageNet class 652 is 'military uniform'. Random
+    or misaligned weights would not put it first.
+    """
+    from matplotlib import cbook
+
+    from headswap.backbones import BUNDLED_BODIES, _architecture, _load_weights, resolve_backbone
+
+    spec = resolve_backbone(BackboneConfig(name=name))
+    assert spec.preprocessing.size == size and BUNDLED_BODIES[name].native_size == size
+    classifier, _ = _architecture(name)
+    _load_weights(name, classifier, spec.weights_path)
+    photo = (
+        Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB").resize((size, size))
+    )
+    pixels = torch.from_numpy(np.asarray(photo, dtype=np.float32)).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        logits = classifier.eval()((pixels - 127.0) / 128.0)
+    assert int(logits.argmax()) == 652
+
+
+def test_config_and_registry_agree_on_the_bundled_bodies():
+    from headswap.backbones import BUNDLED_BODIES
+    from headswap.config import BUNDLED_NAMES
+
+    assert tuple(BUNDLED_BODIES) == BUNDLED_NAMES
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_uint8_decoding_equals_the_shared_float_decoder(tmp_path, mode):
     rng = np.random.default_rng(0)
