@@ -38,12 +38,28 @@ from headswap.heads import predict_proba, train_head
 
 SEEDS = (0, 1, 2, 3, 4)
 ALL_TAPS: list = [0, 1, 2, 3, 4, 5, 6, "head"]
-# Rich bodies: name -> (image size, views). Every one pools every tap with meanmax.
+
+
+@dataclass(frozen=True)
+class Body:
+    """A rich body: one backbone at one input size and view set, every tap meanmax-pooled."""
+
+    backbone: str
+    size: int
+    views: str
+
+
+LITE0, LITE1, LITE2 = "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
 BODIES = {
-    "224": (224, "none"),
-    "300": (300, "none"),
-    "300-flip": (300, "flip"),
-    "300-d4": (300, "d4"),
+    "224": Body(LITE0, 224, "none"),
+    "300": Body(LITE0, 300, "none"),
+    "300-flip": Body(LITE0, 300, "flip"),
+    "300-d4": Body(LITE0, 300, "d4"),
+    "lite1-300-flip": Body(LITE1, 300, "flip"),
+    "lite2-300-flip": Body(LITE2, 300, "flip"),
+    "lite2-384-flip": Body(LITE2, 384, "flip"),
+    "384-flip": Body(LITE0, 384, "flip"),
+    "lite2-300-d4": Body(LITE2, 300, "d4"),
 }
 # Which stored views make up a lever's view set, per body view set (order of view_transforms).
 VIEW_SUBSETS = {
@@ -155,17 +171,42 @@ def levers() -> list[Lever]:
             head=HeadConfig(C=0.01),
         ),
         Lever("taps 3..head, 300 px, meanmax, d4 views", **{**rich, "body": "300-d4"}, views="d4"),
+        *(
+            Lever(
+                f"{body.split('-')[0]}, taps 3..head, 300 px, meanmax, flip, C {c}",
+                body,
+                deep,
+                "meanmax",
+                "flip",
+                head=HeadConfig(C=c),
+            )
+            for body in ("lite1-300-flip", "lite2-300-flip")
+            for c in (0.01, 0.003, 0.03)
+        ),
+        *(
+            Lever(
+                f"lite2, all taps 0..head, 300 px, meanmax, flip, C {c}",
+                "lite2-300-flip",
+                ALL_TAPS,
+                "meanmax",
+                "flip",
+                head=HeadConfig(C=c),
+            )
+            for c in (0.01, 0.003)
+        ),
     ]
 
 
 def extract_body(name: str, workspace: Path, raw_dir: Path) -> Path:
     """Embed the whole dataset with one rich body (cached per image); returns its npz."""
-    size, views = BODIES[name]
+    body = BODIES[name]
     out = workspace / f"features-{name}.npz"
-    backbone = BackboneConfig(image_size=size, taps=ALL_TAPS, pool="meanmax")
+    backbone = BackboneConfig(
+        name=body.backbone, image_size=body.size, taps=ALL_TAPS, pool="meanmax"
+    )
     started = time.perf_counter()
     result = extract_features(
-        backbone, FeaturesConfig(views=views), workspace / "manifest.csv", raw_dir, out
+        backbone, FeaturesConfig(views=body.views), workspace / "manifest.csv", raw_dir, out
     )
     print(
         f"body {name}: {result.images} images x {result.views} views x {result.dim} dims, "
@@ -175,18 +216,18 @@ def extract_body(name: str, workspace: Path, raw_dir: Path) -> Path:
 
 
 @functools.cache
-def tap_channels() -> tuple[int, ...]:
+def tap_channels(backbone: str) -> tuple[int, ...]:
     """Channels of each tap in ALL_TAPS (one tiny forward pass through the body)."""
-    body, _ = load_body(BackboneConfig(taps=ALL_TAPS, pool="meanmax"))
+    body, _ = load_body(BackboneConfig(name=backbone, taps=ALL_TAPS, pool="meanmax"))
     with torch.no_grad():
         maps = body.trunk(torch.zeros(1, 3, 64, 64), [str(t) for t in ALL_TAPS])
     return tuple(maps[str(tap)].shape[1] for tap in ALL_TAPS)
 
 
-def tap_columns(taps: list, pool: str) -> np.ndarray:
+def tap_columns(backbone: str, taps: list, pool: str) -> np.ndarray:
     """Column indices of ``taps`` pooled with ``pool`` in the rich (all taps, meanmax) vector."""
     columns, start = [], 0
-    for tap, channels in zip(ALL_TAPS, tap_channels(), strict=True):
+    for tap, channels in zip(ALL_TAPS, tap_channels(backbone), strict=True):
         if tap in taps:
             mean = np.arange(start, start + channels)
             max_ = mean + channels
@@ -212,15 +253,15 @@ def score(features: FeatureSet, classes: list[str], lever: Lever) -> tuple[float
     return accuracy, roc_auc(probabilities, labels), meta.train_seconds
 
 
-_STATE: dict = {}  # set before the worker pool forks, so workers share the features
+_STATE: dict = {}  # the manifest rows, class order and rich bodies of this run
 
 
 def _score_job(job: tuple[Lever, int]) -> tuple[float, float, float]:
     lever, seed = job
-    full = _STATE["bodies"][lever.body]
-    views = VIEW_SUBSETS[BODIES[lever.body][1]][lever.views]
+    full, body = _STATE["bodies"][lever.body], BODIES[lever.body]
+    views = VIEW_SUBSETS[body.views][lever.views]
     sliced = np.ascontiguousarray(
-        full.embeddings[:, views][..., tap_columns(lever.taps, lever.pool)]
+        full.embeddings[:, views][..., tap_columns(body.backbone, lever.taps, lever.pool)]
     )
     features = replace(full, embeddings=sliced, split=split_labels(_STATE["rows"], seed))
     return score(features, _STATE["classes"], lever)
@@ -246,26 +287,23 @@ def summarise(lever: Lever, results: list[tuple[float, float, float]]) -> dict:
     }
 
 
-def run_sweep(selected: list[Lever], seeds: list[int], jobs: int, out: Path) -> list[dict]:
-    """Every (lever, seed) pair on a process pool; the table is rewritten after each lever."""
-    import multiprocessing
+def run_sweep(selected: list[Lever], seeds: list[int], out: Path) -> list[dict]:
+    """Every (lever, seed) pair in turn; the table is rewritten after each lever.
 
-    tap_channels()  # once, before forking
-    pairs = [(lever, seed) for lever in selected for seed in seeds]
+    One process: torch already uses every core for a fit, and a forked pool deadlocks once the
+    parent has run torch's thread pool (as extracting a new body does).
+    """
     table: list[dict] = []
-    context = multiprocessing.get_context("fork")
-    with context.Pool(jobs) as pool:
-        results = pool.imap(_score_job, pairs)
-        for lever in selected:
-            table.append(summarise(lever, [next(results) for _ in seeds]))
-            row = table[-1]
-            print(
-                f"| {row['lever']} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | "
-                f"{row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f} | "
-                f"{row['train_seconds_mean']:.1f} s |",
-                flush=True,
-            )
-            out.write_text(json.dumps({"seeds": seeds, "rows": table}, indent=2))
+    for lever in selected:
+        table.append(summarise(lever, [_score_job((lever, seed)) for seed in seeds]))
+        row = table[-1]
+        print(
+            f"| {row['lever']} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | "
+            f"{row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f} | "
+            f"{row['train_seconds_mean']:.1f} s |",
+            flush=True,
+        )
+        out.write_text(json.dumps({"seeds": seeds, "rows": table}, indent=2))
     return table
 
 
@@ -278,7 +316,6 @@ def main() -> None:
         "--bodies", nargs="+", default=["224", "300", "300-flip"], choices=list(BODIES)
     )
     parser.add_argument("--only", nargs="*", help="lever names (substring match) to run")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel (lever, seed) fits")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
@@ -307,7 +344,7 @@ def main() -> None:
         if lever.body in args.bodies and (not args.only or any(o in lever.name for o in args.only))
     ]
     out = args.workspace / "accuracy.json"
-    run_sweep(selected, args.seeds, args.jobs, out)
+    run_sweep(selected, args.seeds, out)
     print(f"wrote {out}")
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from headswap.errors import ConfigError, WeightsNotFoundError
 
 if TYPE_CHECKING:
-    from headswap.config import BackboneConfig, Tap
+    from headswap.config import BackboneConfig, BodyConfig, Tap
 
 
 @dataclass(frozen=True)
@@ -73,23 +73,34 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A resolved backbone: what it is, where its weights are, and how to feed it."""
+    """A resolved backbone: what it is, where its weights are, and how to feed it.
+
+    ``ensemble`` holds the identities of further bodies (``backbone.ensemble``) whose features
+    follow the main body's; it is empty for a single body, whose identity is then unchanged.
+    """
 
     name: str
     weights_path: Path
     weights_sha256: str
     preprocessing: Preprocessing
     license: str
+    ensemble: tuple[dict, ...] = ()
 
     def identity(self, taps: list[Tap], pool: str) -> dict:
         """Everything that changes the embeddings; hashed into the feature-cache key."""
-        return {
+        identity = {
             "backbone": self.name,
             "weights_sha256": self.weights_sha256,
             "preprocessing": asdict(self.preprocessing),
             "taps": [str(tap) for tap in taps],
             "pool": pool,
         }
+        return {**identity, "ensemble": list(self.ensemble)} if self.ensemble else identity
+
+    def describe(self) -> str:
+        """The body for people: ``efficientnet_lite2`` or ``efficientnet_lite2 + ...@384``."""
+        members = [f"{m['backbone']}@{m['preprocessing']['size']}" for m in self.ensemble]
+        return " + ".join([self.name, *members])
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,37 @@ class FrozenBody(nn.Module):
         x = (pixels.to(self.mean.dtype) - self.mean) / self.std
         maps = self.trunk(x, self.taps)
         return torch.cat([self.pool(maps[tap]).float() for tap in self.taps], dim=1)
+
+
+class EnsembleBody(nn.Module):
+    """Several frozen bodies side by side: one pixel batch in, their features concatenated.
+
+    Pixels arrive at the main body's input size. Each other body gets them resized inside the
+    module (bilinear), so feature extraction and the exported ONNX model run the same ops and a
+    consumer still sends one image.
+    """
+
+    def __init__(self, bodies: list[FrozenBody], sizes: list[int]):
+        super().__init__()
+        self.bodies = nn.ModuleList(bodies)
+        self.sizes = sizes
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> EnsembleBody:
+        return super().train(False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = [self.bodies[0](pixels)]
+        for body, size in zip(self.bodies[1:], self.sizes[1:], strict=True):
+            resized = nn.functional.interpolate(
+                pixels.float(), size=(size, size), mode="bilinear", align_corners=False
+            )
+            features.append(body(resized))
+        return torch.cat(features, dim=1)
+
+
+Body = FrozenBody | EnsembleBody  # what load_body returns: pixels in, one feature vector out
 
 
 class EfficientNetTaps(nn.Module):
@@ -460,19 +502,23 @@ def _require_file(path: Path, hint: str) -> None:
         )
 
 
-def resolve_backbone(config: BackboneConfig) -> BackboneSpec:
+def resolve_backbone(config: BackboneConfig | BodyConfig) -> BackboneSpec:
     """Name, weights file and hash, and preprocessing, without building the network.
 
     Raises:
         ConfigError: unknown backbone name.
-        WeightsNotFoundError: the weights file is not on disk; the message names it.
+        WeightsNotFoundError: a weights file is not on disk; the message names it.
     """
     path, hint = weights_location(config.name, config.weights)
     _require_file(path, hint)
     prep = _preprocessing(config.name, config.image_size)
     bundled = config.name in BUNDLED_BODIES
     license_ = BUNDLED_LICENSE if bundled else f"see {config.name.split('/')[0]}"
-    return BackboneSpec(config.name, path, _sha256(path), prep, license_)
+    ensemble = tuple(
+        resolve_backbone(member).identity(member.taps, member.pool)
+        for member in getattr(config, "ensemble", ())
+    )
+    return BackboneSpec(config.name, path, _sha256(path), prep, license_, ensemble)
 
 
 def _check_taps(name: str, taps: list[Tap], offered: list[str]) -> None:
@@ -483,21 +529,32 @@ def _check_taps(name: str, taps: list[Tap], offered: list[str]) -> None:
         )
 
 
-def load_body(config: BackboneConfig) -> tuple[FrozenBody, BackboneSpec]:
-    """Build the frozen body for ``config`` with its pretrained weights.
+def load_body(config: BackboneConfig) -> tuple[Body, BackboneSpec]:
+    """Build the frozen body for ``config`` (and its ensemble) with their pretrained weights.
 
     Raises:
         ConfigError: unknown backbone name or taps out of range.
-        WeightsNotFoundError: the weights file is missing or does not fit; the message names it.
+        WeightsNotFoundError: a weights file is missing or does not fit; the message names it.
     """
     spec = resolve_backbone(config)
+    if not config.ensemble:
+        return _load_single(config, spec), spec
+    bodies, sizes = [_load_single(config, spec)], [spec.preprocessing.size]
+    for member in config.ensemble:
+        member_spec = resolve_backbone(member)
+        bodies.append(_load_single(member, member_spec))
+        sizes.append(member_spec.preprocessing.size)
+    return EnsembleBody(bodies, sizes), spec
+
+
+def _load_single(config: BodyConfig, spec: BackboneSpec) -> FrozenBody:
     model, offered = _architecture(config.name)
     _check_taps(config.name, config.taps, offered)
     _load_weights(config.name, model, spec.weights_path)
     if config.name.startswith("timm/"):
         model.reset_classifier(0)  # after a strict load, so no tensor of the file goes unused
     trunk = _trunk(config.name, model, [str(tap) for tap in config.taps])
-    return FrozenBody(trunk, list(config.taps), config.pool, spec.preprocessing), spec
+    return FrozenBody(trunk, list(config.taps), config.pool, spec.preprocessing)
 
 
 def _feature_dim(name: str, taps: list[Tap], pool: str, device: str) -> tuple[int | None, list]:

@@ -6,6 +6,7 @@ params.yaml can never silently fall back to a default.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -59,8 +60,8 @@ class DataConfig(_Section):
     split: SplitConfig = SplitConfig()
 
 
-class BackboneConfig(_Section):
-    """The frozen body: which network, which weights, which depths to pool from."""
+class BodyConfig(_Section):
+    """One frozen body: which network, which weights, which depths to pool from."""
 
     name: str = "efficientnet_lite0"
     weights: str | None = None
@@ -90,6 +91,17 @@ class BackboneConfig(_Section):
                 f"{', '.join(map(str, valid))})"
             )
         return taps
+
+
+class BackboneConfig(BodyConfig):
+    """The frozen body, plus optional further bodies whose features are concatenated to its own.
+
+    Every ensemble member sees the main body's input (``image_size``), resized inside the model
+    to the member's own ``image_size`` (its native size when null), so the exported ONNX model
+    still takes one image.
+    """
+
+    ensemble: list[BodyConfig] = []
 
 
 class FeaturesConfig(_Section):
@@ -183,14 +195,25 @@ class Params(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model behind a field: ``Section`` itself, or the item of ``list[Section]``."""
+    if typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names allowed at ``loc`` (the parent of an offending key)."""
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections, e.g. backbone.ensemble.0
+            continue
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        nested = _section_model(getattr(field, "annotation", None))
+        if nested is None:
             return []
-        model = annotation
+        model = nested
     return list(model.model_fields)
 
 
@@ -201,9 +224,7 @@ def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     for part in loc:
         fields = getattr(model, "model_fields", {}) if model is not None else {}
         if isinstance(part, str) and part in fields:
-            annotation = fields[part].annotation
-            is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            model = annotation if is_model else None
+            model = _section_model(fields[part].annotation)
         elif not isinstance(part, int):
             break
         path.append(part)

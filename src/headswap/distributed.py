@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from headswap.backbones import BackboneSpec, FrozenBody
+    from headswap.backbones import BackboneSpec, Body
     from headswap.config import BackboneConfig, FeaturesConfig
     from headswap.features import FeatureCache
 
@@ -102,7 +102,7 @@ def embed_on_dask(
 def embed_distributed(
     paths: list[Path],
     hashes: list[str],
-    body: FrozenBody,
+    body: Body,
     spec: BackboneSpec,
     backbone: BackboneConfig,
     config: FeaturesConfig,
@@ -128,7 +128,7 @@ def rank_slice(n_items: int, rank: int, world_size: int) -> slice:
 def embed_on_ranks(
     paths: list[Path],
     hashes: list[str],
-    body: FrozenBody,
+    body: Body,
     spec: BackboneSpec,
     backbone: BackboneConfig,
     config: FeaturesConfig,

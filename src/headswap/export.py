@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from headswap.backbones import BackboneSpec, FrozenBody, load_body
+from headswap.backbones import BackboneSpec, Body, load_body
 from headswap.config import BackboneConfig, ExportConfig, FeaturesConfig
 from headswap.errors import ParityError
 from headswap.features import view_transforms
@@ -44,7 +44,7 @@ def apply_view(pixels: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
 class DeployableModel(nn.Module):
     """pixels -> (view-averaged calibrated probabilities, predicted class index)."""
 
-    def __init__(self, body: FrozenBody, head: Head, views: str, threshold: float | None):
+    def __init__(self, body: Body, head: Head, views: str, threshold: float | None):
         super().__init__()
         self.body, self.head = body, head.float().eval()
         self.views = view_transforms(views)
@@ -70,7 +70,7 @@ def model_metadata(spec: BackboneSpec, meta: HeadMeta, features: FeaturesConfig)
         "headswap.image_size": str(prep.size),
         "headswap.interpolation": prep.interpolation,
         "headswap.input": "float32 NCHW RGB pixels in 0..255, resized to image_size",
-        "headswap.backbone": spec.name,
+        "headswap.backbone": spec.describe(),
         "headswap.weights_sha256": spec.weights_sha256,
         "headswap.views": features.views,
         "headswap.temperature": repr(meta.temperature),

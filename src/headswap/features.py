@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from headswap.backbones import (
     BackboneSpec,
-    FrozenBody,
+    Body,
     identity_key,
     load_body,
     resolve_backbone,
@@ -151,7 +151,7 @@ def body_onnx_path(cache_root: Path, spec: BackboneSpec, backbone: BackboneConfi
     return cache_root / "bodies" / f"{identity_key(identity)}.onnx"
 
 
-def export_body(body: FrozenBody, size: int, target: Path) -> Path:
+def export_body(body: Body, size: int, target: Path) -> Path:
     """Export the frozen body (uint8 pixels in) to ONNX once; later runs reuse the cached file."""
     if target.is_file():
         os.utime(target)  # last use, for `headswap cache prune --older-than`
@@ -192,7 +192,7 @@ def onnx_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray]
     return lambda pixels: session.run(None, {"pixels": pixels})[0]
 
 
-def torch_runner(body: FrozenBody, device: str) -> Callable[[np.ndarray], np.ndarray]:
+def torch_runner(body: Body, device: str) -> Callable[[np.ndarray], np.ndarray]:
     """Eager torch; on CUDA with channels_last and autocast (bf16 where supported, else fp16).
 
     Pixels travel to the GPU as uint8 (a quarter of the float32 bytes) from pinned memory,
@@ -220,7 +220,7 @@ def torch_runner(body: FrozenBody, device: str) -> Callable[[np.ndarray], np.nda
 
 
 def make_runner(
-    body: FrozenBody | Callable[[], FrozenBody],
+    body: Body | Callable[[], Body],
     spec: BackboneSpec,
     backbone: BackboneConfig,
     config: FeaturesConfig,

@@ -143,6 +143,11 @@ def render_model_card(
         "",
         "## Model",
         f"- backbone: `{backbone}`, weights sha256 `{lineage.get('weights_sha256', '?')[:16]}`",
+        *(
+            [f"- ensemble (features concatenated after the backbone's): {lineage['ensemble']}"]
+            if lineage.get("ensemble")
+            else []
+        ),
         f"- backbone licence: {backbone_license(backbone)}",
         f"- feature-cache key: `{lineage.get('feature_cache_key')}`",
         f"- code: git `{lineage.get('git_commit', 'unknown')[:12]}`{dirty}",

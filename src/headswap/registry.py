@@ -100,6 +100,11 @@ def lineage(files: StageFiles, manifest_rows: list[dict]) -> dict[str, str]:
         "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "backbone": features["identity"]["backbone"],
         "weights_sha256": features["identity"]["weights_sha256"],
+        # Further bodies (backbone.ensemble), as name@size:weights-sha256 prefix; "" for none.
+        "ensemble": ", ".join(
+            f"{m['backbone']}@{m['preprocessing']['size']}:{m['weights_sha256'][:12]}"
+            for m in features["identity"].get("ensemble", [])
+        ),
         "feature_cache_key": features["cache_key"],
         "test_fingerprint": test_fingerprint(manifest_rows),
         "dvc_experiment": os.environ.get("HEADSWAP_DVC_EXPERIMENT", "workspace"),

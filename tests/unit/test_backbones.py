@@ -163,3 +163,32 @@ def test_uint8_decoding_equals_the_shared_float_decoder(tmp_path, mode):
         np.testing.assert_array_equal(
             fast.astype(np.float32), load_model_input(path, 48, interpolation)
         )
+
+
+def test_an_ensemble_concatenates_its_bodies_on_one_input():
+    """Members see the main body's pixels resized inside the module, so one image feeds all."""
+    from headswap.config import parse_params
+    from headswap.features import feature_cache_key
+
+    main = {"name": "efficientnet_lite0", "image_size": 64, "taps": [6, "head"], "pool": "mean"}
+    member = {"name": "efficientnet_lite1", "image_size": 96, "taps": ["head"], "pool": "max"}
+    params = parse_params({"backbone": {**main, "ensemble": [member]}})
+    single = parse_params({"backbone": main})
+    body, spec = load_body(params.backbone)
+    main_body, main_spec = load_body(single.backbone)
+    member_body, _ = load_body(parse_params({"backbone": member}).backbone)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        resized = torch.nn.functional.interpolate(
+            pixels.float(), size=(96, 96), mode="bilinear", align_corners=False
+        )
+        expected = torch.cat([main_body(pixels), member_body(resized)], dim=1)
+        torch.testing.assert_close(body(pixels), expected)
+    assert spec.describe() == "efficientnet_lite0 + efficientnet_lite1@96"
+    identity = spec.identity(params.backbone.taps, params.backbone.pool)
+    assert [m["pool"] for m in identity["ensemble"]] == ["max"]
+    # A single body's identity (and so its cache) is what it was before ensembles existed.
+    assert "ensemble" not in main_spec.identity(single.backbone.taps, single.backbone.pool)
+    assert feature_cache_key(spec, params.backbone, params.features) != feature_cache_key(
+        main_spec, single.backbone, single.features
+    )

@@ -27,6 +27,13 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
     assert len(message.splitlines()) == 1
 
 
+def test_unknown_key_in_an_ensemble_member_names_its_index():
+    with pytest.raises(
+        ConfigError, match=r"'backbone\.ensemble\.1\.size'.*allowed here: name, weights"
+    ):
+        parse_params({"backbone": {"ensemble": [{}, {"size": 300}]}})
+
+
 def test_unknown_section_is_rejected():
     with pytest.raises(ConfigError, match="unknown key 'heads'.*allowed here: data, backbone"):
         parse_params({"heads": {}})
@@ -41,6 +48,8 @@ def test_unknown_section_is_rejected():
         ({"data": {"split": {"test_size": 0.6, "val_size": 0.5}}}, "data.split"),
         ({"features": {"views": "rot"}}, "features.views"),
         ({"backbone": {"taps": []}}, "backbone.taps"),
+        ({"backbone": {"ensemble": [{"name": "resnet9000"}]}}, "backbone.ensemble.0.name"),
+        ({"backbone": {"ensemble": [{"taps": [9]}]}}, "backbone.ensemble.0.taps"),
     ],
 )
 def test_invalid_values_name_their_key(raw, key):
