@@ -307,6 +307,36 @@ def run_sweep(selected: list[Lever], seeds: list[int], out: Path) -> list[dict]:
     return table
 
 
+def score_params(params_path: Path, workspace: Path, raw_dir: Path, seeds: list[int]) -> dict:
+    """The configuration in ``params_path`` exactly as the pipeline runs it, over ``seeds``."""
+    from headswap.config import load_params
+
+    params = load_params(params_path)
+    out = workspace / f"features-params-{params_path.stem}.npz"
+    started = time.perf_counter()
+    result = extract_features(
+        params.backbone, params.features, workspace / "manifest.csv", raw_dir, out
+    )
+    print(
+        f"{params_path}: {result.images} images x {result.views} views x {result.dim} dims, "
+        f"{result.cache_hits} cached, {time.perf_counter() - started:.0f}s"
+    )
+    full = load_features(out)
+    lever = Lever(str(params_path), "params", head=params.head, threshold=params.evaluate.threshold)
+    results = [
+        score(replace(full, split=split_labels(_STATE["rows"], seed)), _STATE["classes"], lever)
+        for seed in seeds
+    ]
+    row = summarise(lever, results)
+    print(
+        f"| {row['lever']} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | "
+        f"{row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f} | per split: accuracy "
+        f"{', '.join(f'{a:.4f}' for a in row['accuracy'])}; ROC-AUC "
+        f"{', '.join(f'{a:.4f}' for a in row['roc_auc'])} |"
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", type=Path, required=True)
@@ -316,6 +346,12 @@ def main() -> None:
         "--bodies", nargs="+", default=["224", "300", "300-flip"], choices=list(BODIES)
     )
     parser.add_argument("--only", nargs="*", help="lever names (substring match) to run")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        help="score this params.yaml as the pipeline runs it (its backbone, views and head) "
+        "instead of the lever sweep",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
@@ -330,6 +366,13 @@ def main() -> None:
     )
     rows = read_manifest(args.workspace / "manifest.csv")
     classes = read_classes(args.workspace / "prepared/validation.json")
+    if args.params:
+        _STATE.update(rows=rows, classes=classes)
+        row = score_params(args.params, args.workspace, args.raw, args.seeds)
+        out = args.workspace / f"accuracy-{args.params.stem}.json"
+        out.write_text(json.dumps({"seeds": args.seeds, "rows": [row]}, indent=2))
+        print(f"wrote {out}")
+        return
     _STATE.update(
         rows=rows,
         classes=classes,

@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from headswap.backbones import BackboneSpec, Body, load_body
+from headswap.backbones import BackboneSpec, Body, fix_same_padding, load_body
 from headswap.config import BackboneConfig, ExportConfig, FeaturesConfig
 from headswap.errors import ParityError
 from headswap.features import view_transforms
@@ -79,6 +79,7 @@ def model_metadata(spec: BackboneSpec, meta: HeadMeta, features: FeaturesConfig)
 
 
 def _export(model: DeployableModel, size: int, opset: int, target: Path, metadata: dict) -> None:
+    fix_same_padding(model.body, size)  # the graph the features stage ran (features.export_body)
     example = torch.zeros(2, 3, size, size)
     with atomic_path(target) as tmp:
         torch.onnx.export(

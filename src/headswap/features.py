@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from headswap.backbones import (
     BackboneSpec,
     Body,
+    fix_same_padding,
     identity_key,
     load_body,
     resolve_backbone,
@@ -147,7 +148,8 @@ def resolve_engine(config: FeaturesConfig) -> tuple[str, str]:
 
 def body_onnx_path(cache_root: Path, spec: BackboneSpec, backbone: BackboneConfig) -> Path:
     """Where the exported body for this backbone, taps, pool and input size is cached."""
-    identity = {**spec.identity(backbone.taps, backbone.pool), "input": "uint8"}
+    # "padding": bodies exported before fix_same_padding existed are slower, not different.
+    identity = {**spec.identity(backbone.taps, backbone.pool), "input": "uint8", "padding": "fixed"}
     return cache_root / "bodies" / f"{identity_key(identity)}.onnx"
 
 
@@ -156,6 +158,7 @@ def export_body(body: Body, size: int, target: Path) -> Path:
     if target.is_file():
         os.utime(target)  # last use, for `headswap cache prune --older-than`
         return target
+    fix_same_padding(body, size)
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with atomic_path(target) as tmp:
         torch.onnx.export(

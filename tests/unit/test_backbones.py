@@ -192,3 +192,23 @@ def test_an_ensemble_concatenates_its_bodies_on_one_input():
     assert feature_cache_key(spec, params.backbone, params.features) != feature_cache_key(
         main_spec, single.backbone, single.features
     )
+
+
+@pytest.mark.parametrize("size", [224, 300])
+def test_fixed_same_padding_changes_no_number(size):
+    """The constant-pad rewrite the ONNX exports use gives the body's own outputs, ensemble too
+    (the member sees 300 px resized to 260, whose stages have odd sizes and asymmetric pads)."""
+    from headswap.backbones import fix_same_padding
+    from headswap.config import parse_params
+
+    member = {"name": "efficientnet_lite2", "taps": [2, "head"], "pool": "max"}
+    config = parse_params(
+        {"backbone": {"image_size": size, "taps": [4, "head"], "ensemble": [member]}}
+    ).backbone
+    body, _ = load_body(config)
+    pixels = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    with torch.inference_mode():
+        before = body(pixels)
+    assert fix_same_padding(body, size) > 0
+    with torch.inference_mode():
+        torch.testing.assert_close(body(pixels), before, rtol=0, atol=1e-5)
