@@ -37,6 +37,7 @@ from headswap.features import FeatureSet, extract_features, load_features
 from headswap.heads import predict_proba, train_head
 
 SEEDS = (0, 1, 2, 3, 4)
+DEFAULT_SPLIT = SplitConfig(test_size=0.25, val_size=0.1)
 ALL_TAPS: list = [0, 1, 2, 3, 4, 5, 6, "head"]
 
 
@@ -236,10 +237,11 @@ def tap_columns(backbone: str, taps: list, pool: str) -> np.ndarray:
     return np.concatenate(columns)
 
 
-def split_labels(rows: list[dict], seed: int) -> np.ndarray:
-    """The split of each manifest row under ``data.split.seed = seed`` (75/25, val from train)."""
+def split_labels(rows: list[dict], seed: int, split: SplitConfig = DEFAULT_SPLIT) -> np.ndarray:
+    """The split of each manifest row under ``data.split`` with ``seed`` (default: 75/25, val
+    10% of the whole set, carved from the 75%)."""
     rows = [dict(row) for row in rows]
-    assign_splits(rows, SplitConfig(seed=seed, test_size=0.25, val_size=0.1))
+    assign_splits(rows, split.model_copy(update={"seed": seed}))
     return np.array([row["split"] for row in rows])
 
 
@@ -324,7 +326,11 @@ def score_params(params_path: Path, workspace: Path, raw_dir: Path, seeds: list[
     full = load_features(out)
     lever = Lever(str(params_path), "params", head=params.head, threshold=params.evaluate.threshold)
     results = [
-        score(replace(full, split=split_labels(_STATE["rows"], seed)), _STATE["classes"], lever)
+        score(
+            replace(full, split=split_labels(_STATE["rows"], seed, params.data.split)),
+            _STATE["classes"],
+            lever,
+        )
         for seed in seeds
     ]
     row = summarise(lever, results)

@@ -6,7 +6,8 @@ What is measured (the default backbone, efficientnet_lite0 'head' tap, views non
 
 - ``limit_img_s``: ONNX Runtime over the exported body on pre-decoded uint8 batches in memory
   (the mean of one measurement before and one after the features-stage runs).
-- ``torch_eager_img_s``: the same body in PyTorch eager (fp32, CPU), on the same batches.
+- ``torch_eager_img_s``: the same body in PyTorch eager (fp32, CPU), on the same images, at the
+  fastest of batch sizes 1, 4, 8 and 32.
 - ``pipeline_img_s``: ``extract_features`` from image files with a cold embedding cache
   (the exported body is already cached, as it is after the first run of any configuration),
   run in a fresh process that also reports its peak RSS.
@@ -45,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 BATCH = 32
+TORCH_BATCHES = (1, 4, 8, 32)
 EPOCHS = 10
 
 
@@ -159,13 +161,15 @@ def decoded(rows: list[dict], raw: Path, count: int, size: int) -> np.ndarray:
     return np.stack([load_pixels(raw / row["path"], size) for row in rows[:count]])
 
 
-def images_per_second(run, pixels: np.ndarray, repeats: int = 1) -> tuple[float, float]:
+def images_per_second(
+    run, pixels: np.ndarray, repeats: int = 1, batch: int = BATCH
+) -> tuple[float, float]:
     """(images/s, CPU s/image) of ``run`` over ``pixels`` in batches, after a warm-up batch."""
-    run(pixels[:BATCH])
+    run(pixels[:batch])
     with Clock() as clock:
         for _ in range(repeats):
-            for start in range(0, len(pixels), BATCH):
-                run(pixels[start : start + BATCH])
+            for start in range(0, len(pixels), batch):
+                run(pixels[start : start + batch])
     images = repeats * len(pixels)
     return images / clock.wall, clock.cpu / images
 
@@ -189,10 +193,19 @@ def engine_figures(rows: list[dict], raw: Path, cache: Path, args) -> tuple[dict
     def eager(batch: np.ndarray) -> np.ndarray:
         return body(torch.from_numpy(batch)).numpy()
 
-    eager_rate, eager_cpu = images_per_second(eager, pixels[: args.torch_images])
+    # Eager torch gets its best batch size (on this CPU small batches beat 32), so the ratio
+    # is ONNX Runtime against the best a plain PyTorch user would see, not a handicapped one.
+    eager_by_batch = {
+        batch: images_per_second(eager, pixels[: args.torch_images], batch=batch)
+        for batch in TORCH_BATCHES
+    }
+    eager_batch = max(eager_by_batch, key=lambda batch: eager_by_batch[batch][0])
+    eager_rate, eager_cpu = eager_by_batch[eager_batch]
     figures = {
         "limit_before_img_s": limit,
         "torch_eager_img_s": eager_rate,
+        "torch_eager_batch": eager_batch,
+        "torch_eager_img_s_by_batch": {b: rate for b, (rate, _) in eager_by_batch.items()},
         "ort_vs_torch": limit / eager_rate,
         "limit_before_cpu_s_per_img": limit_cpu,
         "torch_eager_cpu_s_per_img": eager_cpu,

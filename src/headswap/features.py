@@ -132,8 +132,20 @@ def pixel_batches(
         num_workers=workers,
         prefetch_factor=2 if workers else None,
         collate_fn=_collate,
+        worker_init_fn=_yield_to_inference,
     )
     return iter(loader)
+
+
+def _yield_to_inference(_worker_id: int) -> None:
+    """Run decoding workers at the lowest CPU priority.
+
+    With as many inference threads as cores, a decoder at equal priority preempts one of them,
+    and every parallel operator then waits for that thread. At the lowest priority decoding
+    fills the gaps between operators instead, and still gets whole cores whenever inference is
+    waiting for it.
+    """
+    os.nice(19)
 
 
 def resolve_engine(config: FeaturesConfig) -> tuple[str, str]:

@@ -49,7 +49,10 @@ class TrainParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="Train parameters")
 
-    backbone: Backbone = Field(description="Frozen body (backbone.name)")
+    backbone: Backbone = Field(
+        description="Main frozen body (backbone.name); any backbone.ensemble members in "
+        "params.yaml are kept and concatenated after it"
+    )
     taps: Annotated[list[Tap], Field(min_length=1)] = Field(
         description="Depths to pool features from: block indices and/or 'head' (backbone.taps)"
     )
