@@ -195,6 +195,15 @@ def levers() -> list[Lever]:
             )
             for c in (0.01, 0.003)
         ),
+        *(
+            Lever(f"{name}, C {c}", body, deep, "meanmax", views, head=HeadConfig(C=c))
+            for name, body, views in (
+                ("lite2, taps 3..head, 384 px, meanmax, flip", "lite2-384-flip", "flip"),
+                ("taps 3..head, 384 px, meanmax, flip", "384-flip", "flip"),
+                ("lite2, taps 3..head, 300 px, meanmax, d4", "lite2-300-d4", "d4"),
+            )
+            for c in (0.01, 0.003)
+        ),
     ]
 
 

@@ -72,7 +72,8 @@ def test_invalid_values_are_refused_never_defaulted(served_workspace):
     assert run.state.is_failed()
     assert "invalid value for 'backbone' (backbone.name)" in run.state.message
     written = yaml.safe_load((served_workspace.root / "params.yaml").read_text())
-    assert written["backbone"]["name"] == "efficientnet_lite0"
+    committed = yaml.safe_load((stack.ROOT / "params.yaml").read_text())
+    assert written["backbone"]["name"] == committed["backbone"]["name"]
 
 
 def test_api_triggered_runs_queue_and_are_recorded_in_mlflow_and_dvc(served_workspace):
