@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headswap.backbones import _bundled_weights
+from headswap.backbones import weights_location
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         "--images",
         str(tmp_path / "images"),
         "--weights",
-        str(_bundled_weights()),
+        str(weights_location("efficientnet_lite0", None)[0]),
         "--out",
         str(out),
         "--batch",
