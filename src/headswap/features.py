@@ -138,14 +138,15 @@ def pixel_batches(
 
 
 def _yield_to_inference(_worker_id: int) -> None:
-    """Run decoding workers at the lowest CPU priority.
+    """Run decoding workers at a lower CPU priority (nice 10) than inference.
 
     With as many inference threads as cores, a decoder at equal priority preempts one of them,
-    and every parallel operator then waits for that thread. At the lowest priority decoding
-    fills the gaps between operators instead, and still gets whole cores whenever inference is
-    waiting for it.
+    and every parallel operator then waits for that thread. At a lower priority decoding fills
+    the gaps between operators instead, and still gets whole cores whenever inference waits for
+    it. Nice 10 rather than 19: as fast on a quiet machine (measured 135.8 vs 137.8 img/s, 127.9 at
+    nice 0), and it keeps a fair share of CPU beside other people's jobs on a shared one.
     """
-    os.nice(19)
+    os.nice(10)
 
 
 def resolve_engine(config: FeaturesConfig) -> tuple[str, str]:
