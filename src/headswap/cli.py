@@ -137,7 +137,7 @@ def evaluate(params: ParamsOption = Path("params.yaml")) -> None:
     )
     m = result.metrics
     console.print(
-        f"test: accuracy {m['accuracy']:.4f}, roc_auc {m['roc_auc']}, "
+        f"test: accuracy {m['accuracy']:.4f}, roc_auc {_four_places(m['roc_auc'])}, "
         f"balanced_accuracy {m['balanced_accuracy']:.4f} (n={m['n']})"
     )
 
@@ -526,3 +526,8 @@ def cache_prune(
 
 def main() -> None:
     sys.exit(app())
+
+
+def _four_places(value: float | None) -> str:
+    """A metric for the console; ROC-AUC is None when the test split has a single class."""
+    return "n/a" if value is None else f"{value:.4f}"

@@ -20,7 +20,7 @@ from torch import nn
 from headswap.backbones import BackboneSpec, Body, fix_same_padding, load_body
 from headswap.config import BackboneConfig, ExportConfig, FeaturesConfig
 from headswap.errors import ParityError
-from headswap.features import view_transforms
+from headswap.features import onnx_export_warnings_silenced, view_transforms
 from headswap.heads import Head, HeadMeta
 from headswap.imaging import load_model_input
 from headswap.io import atomic_path, atomic_write_text
@@ -81,7 +81,7 @@ def model_metadata(spec: BackboneSpec, meta: HeadMeta, features: FeaturesConfig)
 def _export(model: DeployableModel, size: int, opset: int, target: Path, metadata: dict) -> None:
     fix_same_padding(model.body, size)  # the graph the features stage ran (features.export_body)
     example = torch.zeros(2, 3, size, size)
-    with atomic_path(target) as tmp:
+    with atomic_path(target) as tmp, onnx_export_warnings_silenced():
         torch.onnx.export(
             model,
             (example,),

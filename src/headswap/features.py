@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -166,6 +168,19 @@ def body_onnx_path(cache_root: Path, spec: BackboneSpec, backbone: BackboneConfi
     return cache_root / "bodies" / f"{identity_key(identity)}.onnx"
 
 
+@contextmanager
+def onnx_export_warnings_silenced() -> Iterator[None]:
+    """Hide torch.onnx's "Constant folding - Only steps=1 can be constant folded" warnings.
+
+    The TorchScript exporter prints them (three times per export) for slices with a step other
+    than 1, which it leaves for ONNX Runtime to handle at load time; the graph is correct and
+    the parity checks prove it, so in a stage's output they would only bury what matters.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        yield
+
+
 def export_body(body: Body, size: int, target: Path) -> Path:
     """Export the frozen body (uint8 pixels in) to ONNX once; later runs reuse the cached file."""
     if target.is_file():
@@ -173,7 +188,7 @@ def export_body(body: Body, size: int, target: Path) -> Path:
         return target
     fix_same_padding(body, size)
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    with atomic_path(target) as tmp:
+    with atomic_path(target) as tmp, onnx_export_warnings_silenced():
         torch.onnx.export(
             body,
             (example,),
