@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from test_heads import CLASSES, make_features
 
 from headswap.config import EvaluateConfig, HeadConfig
@@ -21,14 +20,7 @@ from headswap.evaluate import (
 )
 from headswap.heads import load_head, save_head, train_head
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny tensors: a second intra-op thread only adds waiting on a busy shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_manifest(path, features) -> None:

@@ -24,13 +24,7 @@ from headswap.heads import (
 CLASSES = ["functional", "defective"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny tensors: a second intra-op thread only adds waiting on a busy shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_features(

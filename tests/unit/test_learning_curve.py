@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from test_heads import CLASSES, make_features
 from typer.testing import CliRunner
@@ -16,13 +15,7 @@ from headswap.config import HeadConfig
 from headswap.errors import ConfigError
 from headswap.learning_curve import learning_curve, parse_sizes, subsample_train
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_subsample_keeps_n_train_images_per_class_and_never_touches_val_or_test():
