@@ -41,8 +41,8 @@ class ServedWorkspace:
 
 
 def make_workspace(dest: Path, feature_cache: Path) -> Path:
-    """A git + DVC copy of this project on 20 ELPV images per class (tests/conftest.py)."""
-    from conftest import create_workspace, run
+    """A git + DVC copy of this project on 20 ELPV images per class (tests/workspace.py)."""
+    from tests.workspace import create_workspace, run
 
     dest.mkdir(parents=True)
     root = create_workspace(dest, feature_cache, max_per_class=20)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import yaml
-from conftest import run
+
+from tests.workspace import run
 
 
 def test_flow_runs_pipeline_records_experiment_and_registers(make_workspace):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import create_workspace, run, set_params
+
+from tests.workspace import create_workspace, run, set_params
 
 STAGES = ["prepare", "features", "train", "evaluate", "export", "register"]
 

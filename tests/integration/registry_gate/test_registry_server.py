@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, create_workspace, set_params
+
+from tests.workspace import REPO, create_workspace, set_params
 
 pytestmark = pytest.mark.slow
 
