@@ -318,8 +318,20 @@ def run_sweep(selected: list[Lever], seeds: list[int], out: Path) -> list[dict]:
     return table
 
 
-def score_params(params_path: Path, workspace: Path, raw_dir: Path, seeds: list[int]) -> dict:
-    """The configuration in ``params_path`` exactly as the pipeline runs it, over ``seeds``."""
+# Feature normalisations tried as levers (each view's vector, before the head's standardisation).
+# None of them beat the plain features on ELPV, so the pipeline has no such option.
+NORMALISATIONS = {
+    "none": lambda x: x,
+    "l2": lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12),
+    "signed-sqrt": lambda x: np.sign(x) * np.sqrt(np.abs(x)),
+}
+
+
+def score_params(
+    params_path: Path, workspace: Path, raw_dir: Path, seeds: list[int], normalise: str = "none"
+) -> dict:
+    """The configuration in ``params_path`` as the pipeline runs it, over ``seeds`` (with
+    ``normalise`` applied to every view's feature vector first: a lever, not a pipeline option)."""
     from headswap.config import load_params
 
     params = load_params(params_path)
@@ -333,7 +345,9 @@ def score_params(params_path: Path, workspace: Path, raw_dir: Path, seeds: list[
         f"{result.cache_hits} cached, {time.perf_counter() - started:.0f}s"
     )
     full = load_features(out)
-    lever = Lever(str(params_path), "params", head=params.head, threshold=params.evaluate.threshold)
+    full = replace(full, embeddings=NORMALISATIONS[normalise](full.embeddings).astype(np.float32))
+    name = str(params_path) + ("" if normalise == "none" else f", {normalise} normalised")
+    lever = Lever(name, "params", head=params.head, threshold=params.evaluate.threshold)
     results = [
         score(
             replace(full, split=split_labels(_STATE["rows"], seed, params.data.split)),
@@ -368,6 +382,12 @@ def main() -> None:
         "instead of the lever sweep",
     )
     parser.add_argument(
+        "--normalise",
+        choices=list(NORMALISATIONS),
+        default="none",
+        help="with --params: normalise each view's features first (l2, signed-sqrt)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
     args = parser.parse_args()
@@ -383,8 +403,9 @@ def main() -> None:
     classes = read_classes(args.workspace / "prepared/validation.json")
     if args.params:
         _STATE.update(rows=rows, classes=classes)
-        row = score_params(args.params, args.workspace, args.raw, args.seeds)
-        out = args.workspace / f"accuracy-{args.params.stem}.json"
+        row = score_params(args.params, args.workspace, args.raw, args.seeds, args.normalise)
+        suffix = "" if args.normalise == "none" else f"-{args.normalise}"
+        out = args.workspace / f"accuracy-{args.params.stem}{suffix}.json"
         out.write_text(json.dumps({"seeds": args.seeds, "rows": [row]}, indent=2))
         print(f"wrote {out}")
         return
