@@ -165,6 +165,32 @@ def test_uint8_decoding_equals_the_shared_float_decoder(tmp_path, mode):
         )
 
 
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_decoding_workers_deliver_every_image_in_order(tmp_path, monkeypatch, shared_memory):
+    """Batches from worker processes equal decoding in-process, by shared memory or by pipe
+    (the fallback when /dev/shm is too small to hold the batches in flight)."""
+    from headswap import features
+
+    monkeypatch.setattr(features, "_shared_memory_fits", lambda *_: shared_memory)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 52), dtype=np.uint8), mode="L").save(paths[-1])
+    _, spec = load_body(BackboneConfig(image_size=32))
+    batches = list(features.pixel_batches(paths, spec, batch_size=3, workers=1))
+    assert [indices for indices, _ in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+    pixels = np.concatenate([batch for _, batch in batches])
+    assert all(isinstance(batch, np.ndarray) for _, batch in batches)
+    np.testing.assert_array_equal(pixels, np.stack([load_pixels(p, 32) for p in paths]))
+
+
+def test_shared_memory_is_refused_when_dev_shm_is_too_small():
+    from headswap.features import _shared_memory_fits
+
+    assert not _shared_memory_fits(batch_bytes=1 << 50, batches=5)
+
+
 def test_an_ensemble_concatenates_its_bodies_on_one_input():
     """Members see the main body's pixels resized inside the module, so one image feeds all."""
     from headswap.config import parse_params
