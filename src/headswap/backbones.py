@@ -94,7 +94,10 @@ class BackboneSpec:
             "taps": [str(tap) for tap in taps],
             "pool": pool,
         }
-        return {**identity, "ensemble": list(self.ensemble)} if self.ensemble else identity
+        if not self.ensemble:
+            return identity
+        # Members once saw fractional pixels: the new field keeps those cache entries apart.
+        return {**identity, "ensemble": list(self.ensemble), "member_pixels": "rounded"}
 
     def describe(self) -> str:
         """The body for people: ``efficientnet_lite2`` or ``efficientnet_lite2 + ...@384``."""
@@ -196,7 +199,10 @@ class EnsembleBody(nn.Module):
             resized = nn.functional.interpolate(
                 pixels.float(), size=(size, size), mode="bilinear", align_corners=False
             )
-            features.append(body(resized))
+            # Whole grey levels, as the member's own uint8 decoder would give it. Measured on
+            # ELPV (5 splits, the default ensemble): fractional pixels 0.9388 ROC-AUC, rounded
+            # 0.9416, PIL-resized uint8 files 0.9421.
+            features.append(body(resized.round().clamp(0, 255)))
         return torch.cat(features, dim=1)
 
 

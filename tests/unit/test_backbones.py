@@ -192,7 +192,8 @@ def test_shared_memory_is_refused_when_dev_shm_is_too_small():
 
 
 def test_an_ensemble_concatenates_its_bodies_on_one_input():
-    """Members see the main body's pixels resized inside the module, so one image feeds all."""
+    """Members see the main body's pixels resized inside the module (to whole grey levels, as
+    their own decoder would give them), so one image feeds all."""
     from headswap.config import parse_params
     from headswap.features import feature_cache_key
 
@@ -208,11 +209,12 @@ def test_an_ensemble_concatenates_its_bodies_on_one_input():
         resized = torch.nn.functional.interpolate(
             pixels.float(), size=(96, 96), mode="bilinear", align_corners=False
         )
-        expected = torch.cat([main_body(pixels), member_body(resized)], dim=1)
+        expected = torch.cat([main_body(pixels), member_body(resized.round())], dim=1)
         torch.testing.assert_close(body(pixels), expected)
     assert spec.describe() == "efficientnet_lite0 + efficientnet_lite1@96"
     identity = spec.identity(params.backbone.taps, params.backbone.pool)
     assert [m["pool"] for m in identity["ensemble"]] == ["max"]
+    assert identity["member_pixels"] == "rounded"
     # A single body's identity (and so its cache) is what it was before ensembles existed.
     assert "ensemble" not in main_spec.identity(single.backbone.taps, single.backbone.pool)
     assert feature_cache_key(spec, params.backbone, params.features) != feature_cache_key(
