@@ -345,7 +345,8 @@ def score_params(
         f"{result.cache_hits} cached, {time.perf_counter() - started:.0f}s"
     )
     full = load_features(out)
-    full = replace(full, embeddings=NORMALISATIONS[normalise](full.embeddings).astype(np.float32))
+    normalised = NORMALISATIONS[normalise](full.embeddings).astype(np.float32, copy=False)
+    full = replace(full, embeddings=normalised)
     name = str(params_path) + ("" if normalise == "none" else f", {normalise} normalised")
     lever = Lever(name, "params", head=params.head, threshold=params.evaluate.threshold)
     results = [
