@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from test_heads import CLASSES, make_features
 
 from headswap.config import EvaluateConfig, HeadConfig
 from headswap.evaluate import (
@@ -19,6 +18,7 @@ from headswap.evaluate import (
     roc_auc,
 )
 from headswap.heads import load_head, save_head, train_head
+from tests.synthetic import CLASSES, make_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import yaml
-from test_heads import CLASSES, make_features
 from typer.testing import CliRunner
 
 from headswap.config import HeadConfig
 from headswap.errors import ConfigError
 from headswap.learning_curve import learning_curve, parse_sizes, subsample_train
+from tests.synthetic import CLASSES, make_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
