@@ -14,7 +14,9 @@ Usage (from the repository root, ELPV in data/raw as ``headswap ingest`` leaves 
 
     HEADSWAP_CACHE_DIR=/tmp/cache python benchmarks/accuracy.py --workspace /tmp/acc
 
-It prints a markdown table and writes ``<workspace>/accuracy.json``.
+It prints a markdown table and writes ``<workspace>/accuracy.json``. ``--params FILE`` scores a
+whole params file as the pipeline runs it; ``--combine`` scores the ``--bodies`` side by side
+(README.md, "Accuracy on ELPV", lists the command behind every row).
 """
 
 from __future__ import annotations
