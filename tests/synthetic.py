@@ -1,7 +1,7 @@
 """Synthetic feature sets for the head, evaluation and learning-curve unit tests.
 
-A plain module (not a conftest.py), imported as ``tests.synthetic``: conftest modules share one
-name, so importing them by name picks whichever pytest loaded last.
+Shared by several test modules, so it lives in a plain helper module (imported as
+``tests.synthetic``) rather than in one test module that the others import.
 """
 
 from __future__ import annotations
