@@ -26,6 +26,9 @@ ATTRIBUTES_FILE = "attributes.csv"
 INGEST_REPORT_FILE = "ingest_report.json"
 MANIFEST_COLUMNS = ("path", "sha256", "label", "split")
 ELPV_DEFECT_THRESHOLD = 0.5  # Deitsch et al.: defective means defect probability >= 0.5
+# How an image's split is decided, recorded on every registered version: two versions with the
+# same rule, seed and fractions put every image in the same split.
+SPLIT_RULE = "pixels-sha256-threshold-v1"
 
 
 @dataclass(frozen=True)
