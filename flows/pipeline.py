@@ -17,12 +17,13 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from headswap import runlock, workspace
 from headswap import summary as summaries
-from headswap import workspace
 from headswap.flow_params import TrainParameters, parse_train_parameters
 
 # What each dvc.yaml stage does, as the task-run name a person reads in the UI.
 STAGE_TITLES = {
+    "ingest": "ingest: sync data.source into data/raw",
     "prepare": "prepare: validate images, split",
     "features": "features: embed with the frozen body",
     "train": "train: fit the head",
@@ -34,19 +35,19 @@ STAGE_TITLES = {
 RETRIED_STAGES = {"register": 3}
 
 
-@task(
-    name="version data",
-    task_run_name="version data: ingest, dvc add, dvc push",
-    retries=2,
-    retry_delay_seconds=5,
-)
-def version_data(params) -> str:
-    return workspace.version_data(params)
-
-
 @task(name="dvc stage", task_run_name="{stage}")
 def run_stage(stage: str, env: dict[str, str]) -> bool:
     return workspace.repro_stage(stage, env)
+
+
+@task(
+    name="push data",
+    task_run_name="push data/raw to the DVC remote",
+    retries=2,
+    retry_delay_seconds=5,
+)
+def push_data(env: dict[str, str]) -> None:
+    workspace.push_data(env)
 
 
 @task(
@@ -72,7 +73,7 @@ def link_mlflow_run(result: dict, links: dict[str, str]) -> None:
 
 @task(
     name="read aliases",
-    task_run_name="read the model version's aliases",
+    task_run_name="read the model version's aliases from the tracking store",
     retries=3,
     retry_delay_seconds=5,
 )
@@ -85,39 +86,47 @@ def train(parameters: TrainParameters | None = None) -> dict:
     """Train a head on a frozen body: every dvc.yaml stage, recorded in DVC and MLflow.
 
     Args:
-        parameters: override params.yaml keys like `dvc exp run -S`; an invalid value fails the
+        parameters: params.yaml keys to override, like `dvc exp run -S`; a field left empty
+            keeps params.yaml's value as it is when the run starts. An invalid value fails the
             run before anything is written. None runs params.yaml exactly as it is.
     """
-    if parameters is None:
-        params = workspace.apply_overrides({})
-    else:
-        # Validated here (not by Prefect) so a bad value fails with one line per field.
-        overrides = parse_train_parameters(parameters).overrides()
-        params = workspace.apply_overrides(overrides)
+    # Validated here (not by Prefect) so a bad value fails with one line per field.
+    overrides = parse_train_parameters(parameters or {}).overrides()
     run_id = flow_run.get_id() or ""
     experiment = f"train-{run_id[:8] or time.strftime('%Y%m%d-%H%M%S')}"
-    env = {"HEADSWAP_DVC_EXPERIMENT": experiment, "HEADSWAP_PREFECT_FLOW_RUN_ID": run_id}
-
-    version_data(params)
-    ran = {
-        stage: run_stage.with_options(
-            task_run_name=STAGE_TITLES.get(stage, stage),
-            retries=RETRIED_STAGES.get(stage, 0),
-            retry_delay_seconds=5,
-        )(stage, env)
-        for stage in workspace.pipeline_stages()
-    }
-    result = summaries.run_summary()
-    message = f"{experiment}: MLflow run {result['run_id']}, Prefect flow run {run_id or 'none'}"
-    result["dvc_experiment"] = experiment
-    result["dvc_experiment_rev"] = save_experiment(experiment, message)
-    result["prefect_flow_run_url"] = flow_run.get_flow_run_ui_url() or ""
-    # When DVC restored `register` from its run cache, the MLflow run belongs to the experiment
-    # that first produced these exact outputs; its links stay pointing there.
-    result["registered_now"] = ran.get("register", False)
-    if result["registered_now"]:
-        link_mlflow_run(result, summaries.lineage_links(result))
-    result["aliases"] = read_aliases(result)
+    driver = f"Prefect flow run {run_id}" if run_id else "the train flow"
+    with runlock.workspace_lock(driver) as token:
+        _, changes = workspace.apply_overrides(overrides)
+        for change in changes:
+            print(f"params.yaml: {change.key} {change.old!r} -> {change.new!r} (flow parameter)")
+        env = {
+            "HEADSWAP_DVC_EXPERIMENT": experiment,
+            "HEADSWAP_PREFECT_FLOW_RUN_ID": run_id,
+            runlock.TOKEN_ENV: token,
+        }
+        previous_run = summaries.registered_run_id()
+        for stage in workspace.pipeline_stages():
+            run_stage.with_options(
+                task_run_name=STAGE_TITLES.get(stage, stage),
+                retries=RETRIED_STAGES.get(stage, 0),
+                retry_delay_seconds=5,
+            )(stage, env)
+            if stage == "ingest":
+                push_data(env)
+        result = summaries.run_summary()
+        result["param_changes"] = {c.key: [c.old, c.new] for c in changes}
+        message = (
+            f"{experiment}: MLflow run {result['run_id']}, Prefect flow run {run_id or 'none'}"
+        )
+        result["dvc_experiment"] = experiment
+        result["dvc_experiment_rev"] = save_experiment(experiment, message)
+        result["prefect_flow_run_url"] = flow_run.get_flow_run_ui_url() or ""
+        # `register` leaves an unchanged model's registration alone; its MLflow run keeps the
+        # links of the run that registered it.
+        result["registered_now"] = result["run_id"] != previous_run
+        if result["registered_now"]:
+            link_mlflow_run(result, summaries.lineage_links(result))
+        result["aliases"] = read_aliases(result)
     _publish(result)
     return result
 

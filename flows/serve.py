@@ -1,8 +1,9 @@
 """Serve the ``train``, ``promote`` and ``predict`` deployments to a Prefect server.
 
 ``make ui`` starts the servers and runs this; it needs ``PREFECT_API_URL``. The train form's
-defaults are params.yaml's values now; the train deployment runs one at a time (runs share this
-workspace, so a second trigger waits in the queue), and retrains on ``schedule.train_cron`` if set.
+fields start empty, meaning "as in params.yaml when the run starts"; the train deployment runs one
+at a time (runs share this workspace, so a second trigger waits in the queue), and retrains on
+``schedule.train_cron`` if set.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve
 """
@@ -18,7 +19,6 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 
 from headswap.config import Params, ScheduleConfig, load_params
 from headswap.errors import ConfigError, HeadswapError
-from headswap.flow_params import TrainParameters
 
 # Deployment name -> "module:flow". Adding a flow to the UI is one line here.
 FLOWS = {
@@ -57,7 +57,7 @@ def train_schedules(schedule: ScheduleConfig) -> list:
 
 
 def build_deployments(params: Params) -> list:
-    """One deployment per flow in FLOWS that exists; train's defaults come from ``params``."""
+    """One deployment per flow in FLOWS that exists; train's schedule comes from ``params``."""
     built = []
     for name, target in FLOWS.items():
         flow = load_flow(target)
@@ -70,11 +70,12 @@ def build_deployments(params: Params) -> list:
 
 
 def _train_options(params: Params) -> dict:
-    defaults = TrainParameters.from_params(params)
     return {
-        "parameters": {"parameters": defaults.model_dump(mode="json")},
+        # Empty overrides: a default or scheduled run trains on params.yaml as it is then.
+        "parameters": {"parameters": {}},
         "description": "Train a head on a frozen body: every dvc.yaml stage as a task, recorded "
-        "as a DVC experiment and an MLflow run. Defaults are params.yaml's values.",
+        "as a DVC experiment and an MLflow run. Leave a field empty to use params.yaml's value "
+        "at run time; a value you fill in is written into params.yaml, like `dvc exp run -S`.",
         "concurrency_limit": ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),

@@ -74,7 +74,7 @@ def create_workspace(
     shutil.copytree(REPO / "src", workspace / "src", ignore=ignore)
     shutil.copytree(REPO / "flows", workspace / "flows", ignore=ignore)
     (workspace / ".gitignore").write_text(
-        "/data/raw\n/data/.ingest.json\n/mlflow.db\n/mlartifacts/\n/.dvc-storage/\n"
+        "/data/raw\n/mlflow.db\n/mlartifacts/\n/.dvc-storage/\n/.headswap/\n"
     )
     features = {"cache_dir": str(feature_cache), **overrides.pop("features", {})}
     set_params(

@@ -1,10 +1,10 @@
 """The typed parameters a person sets in the Prefect UI's run form.
 
-Each field maps to one params.yaml key. The model has no defaults of its own: the values the form
-shows are the deployment's parameters, read from params.yaml when the deployments are served
-(``from_params``). A field the caller leaves out is therefore an error, never a silent fallback to
-a class default (Prefect issues #16184, #9018, #12566), and an invalid value fails the run with a
-message naming the field.
+Each field overrides one params.yaml key. Every field is empty by default, and empty means "as
+params.yaml holds it when the run starts": the form never carries a copy of params.yaml taken when
+the deployments were served, so a default run (or the nightly schedule) can never write an old
+value back over a person's later edit. An invalid value fails the run with a message naming the
+field and its params.yaml key.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from headswap.config import Params, Tap
+from headswap.config import Tap
 from headswap.errors import ConfigError
 
 
@@ -44,55 +44,49 @@ FIELD_TO_PARAM = {
 }
 
 
+AS_IN_PARAMS = "Empty: as in params.yaml when the run starts. "
+
+
 class TrainParameters(BaseModel):
-    """Each field overrides one params.yaml key (None: run params.yaml exactly as it is)."""
+    """Each field overrides one params.yaml key; an empty field keeps params.yaml's value."""
 
     model_config = ConfigDict(extra="forbid", title="Train parameters")
 
-    backbone: Backbone = Field(
-        description="Main frozen body (backbone.name); any backbone.ensemble members in "
-        "params.yaml are kept and concatenated after it"
+    backbone: Backbone | None = Field(
+        None,
+        description=AS_IN_PARAMS + "Main frozen body (backbone.name); any backbone.ensemble "
+        "members in params.yaml are kept and concatenated after it",
     )
-    taps: Annotated[list[Tap], Field(min_length=1)] = Field(
-        description="Depths to pool features from: block indices and/or 'head' (backbone.taps)"
+    taps: Annotated[list[Tap], Field(min_length=1)] | None = Field(
+        None,
+        description=AS_IN_PARAMS
+        + "Depths to pool features from: block indices and/or 'head' (backbone.taps)",
     )
-    views: Literal["none", "flip", "d4"] = Field(
-        description="Flip/rotation views embedded per image (features.views)"
+    views: Literal["none", "flip", "d4"] | None = Field(
+        None, description=AS_IN_PARAMS + "Flip/rotation views embedded per image (features.views)"
     )
-    head_type: Literal["logistic", "mlp"] = Field(description="Trained head (head.type)")
-    C: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        description="Inverse L2 strength, or 'auto' to cross-validate (head.C)"
+    head_type: Literal["logistic", "mlp"] | None = Field(
+        None, description=AS_IN_PARAMS + "Trained head (head.type)"
     )
-    class_weight: Literal["none", "balanced"] = Field(description="head.class_weight")
-    split_seed: int = Field(description="Seed of the train/val/test split (data.split.seed)")
-    auto_promote: bool = Field(
-        description="Promote to champion if the gate passes (registry.auto_promote)"
+    C: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        None,
+        description=AS_IN_PARAMS + "Inverse L2 strength, or 'auto' to cross-validate (head.C)",
     )
-
-    @classmethod
-    def from_params(cls, params: Params) -> TrainParameters:
-        """The values params.yaml holds now: the defaults the UI form shows.
-
-        Raises:
-            ConfigError: params.yaml holds a value the form cannot offer (e.g. a backbone that
-                is not in ``Backbone``); the message says which key and what is allowed.
-        """
-        values = {
-            "backbone": params.backbone.name,
-            "taps": list(params.backbone.taps),
-            "views": params.features.views,
-            "head_type": params.head.type,
-            "C": params.head.C,
-            "class_weight": params.head.class_weight,
-            "split_seed": params.data.split.seed,
-            "auto_promote": params.registry.auto_promote,
-        }
-        return parse_train_parameters(values, source="params.yaml (as train-flow defaults)")
+    class_weight: Literal["none", "balanced"] | None = Field(
+        None, description=AS_IN_PARAMS + "head.class_weight"
+    )
+    split_seed: int | None = Field(
+        None, description=AS_IN_PARAMS + "Seed of the train/val/test split (data.split.seed)"
+    )
+    auto_promote: bool | None = Field(
+        None,
+        description=AS_IN_PARAMS + "Promote to champion if the gate passes (registry.auto_promote)",
+    )
 
     def overrides(self) -> dict[str, object]:
-        """Dotted params.yaml keys and values, for ``workspace.apply_overrides``."""
-        values = self.model_dump(mode="json")
-        return {FIELD_TO_PARAM[field]: values[field] for field in FIELD_TO_PARAM}
+        """Dotted params.yaml keys and values of the fields that were set."""
+        values = self.model_dump(mode="json", exclude_none=True)
+        return {FIELD_TO_PARAM[field]: value for field, value in values.items()}
 
 
 def parse_train_parameters(values: object, source: str = "train parameters") -> TrainParameters:
@@ -111,7 +105,5 @@ def _describe(item: dict, source: str) -> str:
     where = f"'{field}' ({FIELD_TO_PARAM[field]})" if field in FIELD_TO_PARAM else f"'{field}'"
     if item["type"] == "extra_forbidden":
         return f"{source}: unknown field {where} (allowed: {', '.join(FIELD_TO_PARAM)})"
-    if item["type"] == "missing":
-        return f"{source}: field {where} is required (no silent default)"
     got = item.get("input")
     return f"{source}: invalid value for {where}: {item['msg']} (got {got!r})"

@@ -14,13 +14,27 @@ def mlflow_ui() -> str:
     return os.environ.get("HEADSWAP_MLFLOW_UI_URL", MLFLOW_UI).rstrip("/")
 
 
+REGISTRY_FILE = Path("models/registry.json")
+FEATURES_INFO = Path("data/features/features_info.json")
+
+
+def registered_run_id(registry_path: Path = REGISTRY_FILE) -> str:
+    """The MLflow run that models/registry.json names ('' before the first registration)."""
+    try:
+        return str(json.loads(registry_path.read_text())["run_id"])
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def run_summary(
     metrics_path: Path = Path("reports/metrics.json"),
-    registry_path: Path = Path("models/registry.json"),
+    registry_path: Path = REGISTRY_FILE,
+    features_info_path: Path = FEATURES_INFO,
 ) -> dict:
     """Headline numbers and registry facts of the workspace's latest pipeline run."""
     metrics = json.loads(metrics_path.read_text())
     registration = json.loads(registry_path.read_text())
+    features = json.loads(features_info_path.read_text()) if features_info_path.is_file() else {}
     ui = mlflow_ui()
     experiment_id, run_id = registration["experiment_id"], registration["run_id"]
     name = registration["model_name"]
@@ -38,6 +52,9 @@ def run_summary(
         "run_url": f"{ui}/#/experiments/{experiment_id}/runs/{run_id}",
         "model_url": f"{ui}/#/models/{name}/versions/{registration['version']}",
         "tracking_uri": registration["tracking_uri"],
+        "data_changes": registration.get("data_changes") or {},
+        "embedded": features.get("embedded"),
+        "cache_hits": features.get("cache_hits"),
     }
 
 
@@ -49,6 +66,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(
         [
             "headswap run complete",
+            *[f"  {label:<15} {text}" for label, text in _data_facts(summary)],
             f"  test accuracy   {summary['accuracy']:.4f}{ci_text}  on {summary['n_test']} images",
             f"  test ROC-AUC    {auc:.4f}" if auc is not None else "  test ROC-AUC    n/a",
             f"  registered      {summary['model_name']} version {summary['version']}"
@@ -63,6 +81,40 @@ def format_summary(summary: dict) -> str:
             "  .venv/bin/headswap promote   # gate the challenger against the champion",
         ]
     )
+
+
+def _data_facts(summary: dict) -> list[tuple[str, str]]:
+    """What changed in the data since the champion, and what the features stage had to embed."""
+    facts = []
+    changes = summary.get("data_changes") or {}
+    if changes.get("since_version"):
+        since = f"since champion v{changes['since_version']}'s data"
+        facts.append(("data", f"{describe_changes(changes)} {since}"))
+    elif changes.get("note"):
+        facts.append(("data", changes["note"]))
+    if summary.get("embedded") is not None:
+        embedded = (
+            f"{summary['embedded']} image(s) embedded, {summary['cache_hits']} from the cache"
+        )
+        facts.append(("features", embedded))
+    return facts
+
+
+def describe_changes(changes: dict) -> str:
+    """'+12 / -0 / ~1 (defective +5, functional +7 ~1)': added / removed / changed images."""
+    total = changes.get("total") or {}
+    per_class = ", ".join(
+        f"{name} " + " ".join(_counts(counts))
+        for name, counts in changes.get("per_class", {}).items()
+        if any(counts.get(k) for k in ("added", "removed", "changed"))
+    )
+    head = f"+{total.get('added', 0)} / -{total.get('removed', 0)} / ~{total.get('changed', 0)}"
+    return f"{head} images" + (f" ({per_class})" if per_class else "")
+
+
+def _counts(counts: dict) -> list[str]:
+    signs = (("added", "+"), ("removed", "-"), ("changed", "~"))
+    return [f"{sign}{counts[key]}" for key, sign in signs if counts.get(key)]
 
 
 METRIC_ROWS = (
@@ -100,11 +152,13 @@ def lineage_links(summary: dict) -> dict[str, str]:
 
 
 def live_aliases(summary: dict) -> list[str]:
-    """The aliases the registered version holds now (registry.json records them at register
-    time; a promotion since then may have moved ``champion``)."""
+    """The aliases the registered version holds now, read from the tracking store in use
+    (registry.json records them at register time; a promotion since may have moved them)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(summary["tracking_uri"])
+    from headswap.registry import tracking_uri
+
+    client = MlflowClient(tracking_uri())
     return sorted(client.get_model_version(summary["model_name"], summary["version"]).aliases)
 
 
@@ -133,7 +187,8 @@ def format_markdown(summary: dict) -> str:
             f"Aliases: **{', '.join(summary['aliases']) or 'none'}**  ",
             ""
             if summary.get("registered_now", True)
-            else "Registered earlier: DVC restored these outputs from its run cache.  ",
+            else "Registered by an earlier run: nothing changed since, so no new version.  ",
+            *[f"{label}: {text}  " for label, text in _data_facts(summary)],
             f"Test images: {summary['n_test']}",
             "",
             "| metric | value | 95% CI |",

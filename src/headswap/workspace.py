@@ -20,13 +20,11 @@ from typing import Any
 from headswap.config import Params, parse_params
 from headswap.errors import HeadswapError
 
-RAW_DIR = Path("data/raw")
 # DVC's locks are not a queue: a second `dvc repro` fails at once with one of these messages
 # (the repo lock, or the per-output rwlock when the first run is already inside a stage).
 DVC_LOCK_MESSAGES = ("Unable to acquire lock", "it is being blocked by")
 LOCK_WAIT_ENV = "HEADSWAP_LOCK_WAIT_S"  # how long to wait for another run's lock (default 1 h)
 LOCK_POLL_S = 2.0
-INGEST_RECORD = Path("data/.ingest.json")
 
 
 class StageError(HeadswapError):
@@ -123,12 +121,16 @@ def wait_for_dvc_lock(attempt: Callable[[], tuple[int, str]]) -> tuple[int, str]
         time.sleep(LOCK_POLL_S)
 
 
-def repro(targets: list[str]) -> int:
-    """``dvc repro`` that waits for another run's lock, streaming DVC's output as it comes.
+def repro(targets: list[str], driver: str = "headswap repro") -> int:
+    """``dvc repro`` under the workspace lock, streaming DVC's output as it comes.
 
-    Returns DVC's exit status.
+    Waits while another run (``make run``, a Prefect run) holds the workspace. Returns DVC's exit
+    status.
     """
-    return _execute(["dvc", "repro", *targets], None, Path("."), echo=True)[1]
+    from headswap.runlock import TOKEN_ENV, workspace_lock
+
+    with workspace_lock(driver) as token:
+        return _execute(["dvc", "repro", *targets], {TOKEN_ENV: token}, Path("."), echo=True)[1]
 
 
 # DVC's hints about git and remotes: the flow does both itself, so they only confuse.
@@ -177,8 +179,22 @@ def set_dotted(mapping: Any, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def apply_overrides(overrides: Mapping[str, Any], path: Path = Path("params.yaml")) -> Params:
+@dataclass(frozen=True)
+class ParamChange:
+    """One params.yaml key a run's overrides changed."""
+
+    key: str
+    old: Any
+    new: Any
+
+
+def apply_overrides(
+    overrides: Mapping[str, Any], path: Path = Path("params.yaml")
+) -> tuple[Params, list[ParamChange]]:
     """Write dotted-key overrides into params.yaml (like ``dvc exp run -S``), validated first.
+
+    The file is read at call time, so every key the overrides leave alone keeps whatever a
+    person last wrote there. Returns the resulting params and the keys that actually changed.
 
     Raises:
         ConfigError: the overridden params break the schema; params.yaml is left untouched.
@@ -189,42 +205,26 @@ def apply_overrides(overrides: Mapping[str, Any], path: Path = Path("params.yaml
 
     raw = read_raw_params(path)
     current = json.loads(json.dumps(raw, default=str))
-    changed = {k: v for k, v in overrides.items() if get_dotted(current, k) != v}
-    for dotted, value in changed.items():
-        set_dotted(raw, dotted, value)
-    plain = json.loads(json.dumps(raw, default=str))
-    params = parse_params(plain, source="flow parameters")
-    if changed:
+    changes = [
+        ParamChange(key, get_dotted(current, key), value)
+        for key, value in overrides.items()
+        if get_dotted(current, key) != value
+    ]
+    for change in changes:
+        set_dotted(raw, change.key, change.new)
+    params = parse_params(json.loads(json.dumps(raw, default=str)), source="flow parameters")
+    if changes:
         import io
 
         buffer = io.StringIO()
         YAML().dump(raw, buffer)
         atomic_write_text(path, buffer.getvalue())
-    return params
+    return params, changes
 
 
-def version_data(params: Params) -> str:
-    """Ingest data.source into data/raw if it changed, ``dvc add`` it, and push to the remote.
-
-    Returns the DVC md5 of data/raw. Re-ingesting is skipped when the source and sample size are
-    the ones recorded last time, so an unchanged dataset costs only DVC's hash check.
-    """
-    from headswap.data import ingest
-
-    record = {"source": params.data.source, "max_per_class": params.data.max_per_class}
-    previous = json.loads(INGEST_RECORD.read_text()) if INGEST_RECORD.is_file() else None
-    if previous != record or not RAW_DIR.is_dir():
-        ingest(params.data, RAW_DIR)
-        INGEST_RECORD.write_text(json.dumps(record))
-    run_command(["dvc", "add", "-q", str(RAW_DIR)])
-    run_command(["dvc", "push", "-q", f"{RAW_DIR}.dvc"])
-    return data_md5()
-
-
-def data_md5(dvc_file: Path = Path("data/raw.dvc")) -> str:
-    import yaml
-
-    return str(yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"])
+def push_data(env: Mapping[str, str] | None = None) -> None:
+    """Push the ingested data/raw to the DVC remote, so every data version can be restored."""
+    run_command(["dvc", "push", "-q", "ingest"], env=env)
 
 
 def pipeline_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:

@@ -87,8 +87,6 @@ def make_pipeline_workspace(root: Path, per_class: int = 12) -> Path:
     run(["git", "init", "-q"], work)
     run(["dvc", "init", "-q"], work)
     run(["dvc", "remote", "add", "-d", "local", str(root / "dvc-storage")], work)
-    run(["headswap", "ingest"], work)
-    run(["dvc", "add", "-q", "data/raw"], work)
     run(["git", "add", "-A"], work)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], work)
     return work

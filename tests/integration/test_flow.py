@@ -17,7 +17,8 @@ def test_flow_runs_pipeline_records_experiment_and_registers(make_workspace):
     assert "registered      elpv-defects version 1" in result.stdout
     registration = json.loads((workspace / "models/registry.json").read_text())
     assert registration["aliases"] == ["challenger", "champion"]
-    assert (workspace / "data/raw.dvc").is_file(), "the flow versions data/raw with dvc add"
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    assert lock["stages"]["ingest"]["outs"][0]["path"] == "data/raw", "ingest versions data/raw"
     assert any((workspace / ".dvc-storage").rglob("*")), "the flow pushes data to the DVC remote"
 
     experiments = run(["dvc", "exp", "list", "--all-commits", "--name-only"], workspace).stdout
