@@ -14,8 +14,6 @@ import pytest
 import yaml
 from prefect.exceptions import PrefectHTTPStatusError
 
-from headswap.config import load_params
-from headswap.flow_params import TrainParameters
 from tests import prefect_stack as stack
 from tests.prefect_stack import api_client, dvc_experiments, mlflow_runs, wait_for_final_state
 
@@ -30,20 +28,34 @@ def _with(defaults: dict, **changes) -> dict:
     return {"parameters": {**defaults["parameters"], **changes}}
 
 
-def test_form_defaults_are_params_yaml_values(served_workspace):
+def test_form_starts_empty_and_a_default_run_uses_params_yaml_as_it_is_then(served_workspace):
+    """Edit params.yaml after the deployments were served: a default run must train on the edit."""
     with api_client(served_workspace.server) as client:
         deployment = client.read_deployment_by_name("train/train")
         others = [client.read_deployment_by_name(f"{n}/{n}") for n in ("promote", "predict")]
-    params = load_params(served_workspace.root / "params.yaml")
-    expected = TrainParameters.from_params(params).model_dump(mode="json")
-    assert deployment.parameters == {"parameters": expected}
-    assert expected["C"] == params.head.C and expected["taps"] == list(params.backbone.taps)
+    assert deployment.parameters == {"parameters": {}}
     schema = deployment.parameter_openapi_schema["definitions"]
     assert "torchvision/resnet50" in schema["Backbone"]["enum"]
     assert deployment.global_concurrency_limit.limit == 1
     assert {d.name for d in others} == {"promote", "predict"}
     assert others[1].parameter_openapi_schema["required"] == ["folder"]
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
+
+    params_path = served_workspace.root / "params.yaml"
+    edited = params_path.read_text().replace("C: 0.01 ", "C: 0.02 ")
+    assert edited != params_path.read_text(), "params.yaml's head.C line changed shape"
+    params_path.write_text(edited)
+    with api_client(served_workspace.server) as client:
+        run = client.create_flow_run_from_deployment(deployment.id)
+        run = wait_for_final_state(client, run.id)
+    assert run.state.is_completed(), run.state.message
+    assert params_path.read_text() == edited, "a default run rewrote params.yaml"
+    trained = [
+        r
+        for r in mlflow_runs(served_workspace.root)
+        if r.data.tags.get("headswap.prefect_flow_run_id") == str(run.id)
+    ]
+    assert [r.data.params["head.C"] for r in trained] == ["0.02"]
 
 
 def test_invalid_values_are_refused_never_defaulted(served_workspace):
@@ -52,11 +64,6 @@ def test_invalid_values_are_refused_never_defaulted(served_workspace):
         with pytest.raises(PrefectHTTPStatusError, match=r"parameters\.C"):
             client.create_flow_run_from_deployment(
                 deployment.id, parameters=_with(deployment.parameters, C=-1.0)
-            )
-        # A partial model is refused too: the class has no defaults to fall back on.
-        with pytest.raises(PrefectHTTPStatusError, match="is not valid under any of the given"):
-            client.create_flow_run_from_deployment(
-                deployment.id, parameters={"parameters": {"C": 0.5}}
             )
 
         # With the form's "Validate parameters" unticked the run starts, and the flow refuses.

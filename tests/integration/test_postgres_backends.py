@@ -189,12 +189,11 @@ def _train(work: Path, servers, *args: str) -> subprocess.CompletedProcess:
         PREFECT_HOME=str(servers["root"] / "client-home"),
         HEADSWAP_CACHE_DIR=str(servers["root"] / "cache"),
     )
-    # The flow's parameters have no class defaults: start from params.yaml, as the UI form does.
+    # One form field set, as a person does in the UI; the rest stay as params.yaml holds them.
     code = (
-        "import sys; from flows.pipeline import train; from headswap.config import load_params; "
+        "import sys; from flows.pipeline import train; "
         "from headswap.flow_params import TrainParameters; "
-        "p = TrainParameters.from_params(load_params()); "
-        "p = p.model_copy(update={'C': float(sys.argv[1])}); "
+        "p = TrainParameters(C=float(sys.argv[1])); "
         "print('RESULT', train(parameters=p)['version'])"
     )
     return subprocess.run(

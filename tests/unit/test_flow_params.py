@@ -1,78 +1,66 @@
-"""The train flow's typed parameters: params.yaml defaults, strict validation, dvc -S overrides."""
+"""The train flow's typed parameters: empty means params.yaml at run time; set means an override."""
 
 from __future__ import annotations
 
 import pytest
 
-from headswap.config import Params, parse_params
 from headswap.errors import ConfigError
-from headswap.flow_params import (
-    FIELD_TO_PARAM,
-    Backbone,
-    TrainParameters,
-    parse_train_parameters,
-)
-from headswap.workspace import get_dotted
+from headswap.flow_params import FIELD_TO_PARAM, Backbone, TrainParameters, parse_train_parameters
+from headswap.workspace import apply_overrides
 
 
-def _params(**sections) -> Params:
-    return parse_params(sections)
+def test_an_empty_form_overrides_nothing():
+    assert parse_train_parameters({}).overrides() == {}
+    assert TrainParameters().overrides() == {}
 
 
-def test_defaults_are_the_values_params_yaml_holds():
-    params = _params(
-        head={"type": "mlp", "C": "auto"},
-        data={"split": {"seed": 7}},
-        backbone={"name": "torchvision/resnet50", "taps": [3, "head"]},
-    )
-    values = TrainParameters.from_params(params)
+def test_only_the_fields_set_become_overrides():
+    values = parse_train_parameters({"C": 0.5, "backbone": "torchvision/resnet50", "taps": [3]})
     assert values.backbone is Backbone.resnet50
-    assert (values.head_type, values.C, values.split_seed, values.taps) == (
-        "mlp",
-        "auto",
-        7,
-        [3, "head"],
-    )
+    assert values.overrides() == {
+        "head.C": 0.5,
+        "backbone.name": "torchvision/resnet50",
+        "backbone.taps": [3],
+    }
 
 
-def test_overrides_round_trip_to_the_same_params():
-    params = _params(head={"C": 0.3, "class_weight": "balanced"}, features={"views": "d4"})
-    overrides = TrainParameters.from_params(params).overrides()
-    dumped = params.model_dump(mode="json")
-    assert set(overrides) == set(FIELD_TO_PARAM.values())
-    assert all(get_dotted(dumped, key) == value for key, value in overrides.items())
-
-
-def test_schema_has_no_defaults_and_offers_the_registered_backbones():
+def test_schema_fields_are_optional_and_say_what_empty_means():
     schema = TrainParameters.model_json_schema()
-    assert set(schema["required"]) == set(FIELD_TO_PARAM)
-    assert all("default" not in field for field in schema["properties"].values())
+    assert not schema.get("required")
+    assert set(schema["properties"]) == set(FIELD_TO_PARAM)
+    for field in schema["properties"].values():
+        assert field.get("default") is None
+        assert field["description"].startswith("Empty: as in params.yaml")
     assert schema["$defs"]["Backbone"]["enum"][0] == "efficientnet_lite0"
-
-
-def test_a_missing_field_is_an_error_not_a_default():
-    with pytest.raises(ConfigError, match=r"'views' \(features.views\) is required"):
-        parse_train_parameters(_without("views"))
 
 
 def test_invalid_values_name_field_and_params_key():
     with pytest.raises(ConfigError) as error:
-        parse_train_parameters({**_valid(), "C": -2, "backbone": "resnet-9000", "extra": 1})
+        parse_train_parameters({"C": -2, "backbone": "resnet-9000", "extra": 1})
     text = str(error.value)
     assert "invalid value for 'C' (head.C)" in text and "(got -2)" in text
     assert "invalid value for 'backbone' (backbone.name)" in text and "efficientnet_lite0" in text
     assert "unknown field 'extra'" in text
 
 
-def test_params_yaml_value_the_form_cannot_offer_is_refused():
-    params = _params(backbone={"name": "timm/convnext_nano", "weights": "w.safetensors"})
-    with pytest.raises(ConfigError, match="params.yaml .*'backbone' .*timm/convnext_nano"):
-        TrainParameters.from_params(params)
+def test_overrides_land_on_the_file_as_it_is_now(tmp_path):
+    """A person's edit made after the deployments were served survives a UI run."""
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "head:\n  C: 0.01  # tuned by hand\n  type: logistic\ndata:\n  split:\n    seed: 4\n"
+    )
+    _, changes = apply_overrides(parse_train_parameters({}).overrides(), params)
+    assert changes == [] and "tuned by hand" in params.read_text()
+
+    _, changes = apply_overrides(parse_train_parameters({"head_type": "mlp"}).overrides(), params)
+    text = params.read_text()
+    assert [(c.key, c.old, c.new) for c in changes] == [("head.type", "logistic", "mlp")]
+    assert "C: 0.01  # tuned by hand" in text and "seed: 4" in text and "type: mlp" in text
 
 
-def _valid() -> dict:
-    return TrainParameters.from_params(Params()).model_dump(mode="json")
-
-
-def _without(field: str) -> dict:
-    return {key: value for key, value in _valid().items() if key != field}
+def test_a_bad_override_leaves_params_yaml_untouched(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("head:\n  C: 0.01\n")
+    with pytest.raises(ConfigError):
+        apply_overrides({"head.C": -1.0}, params)
+    assert params.read_text() == "head:\n  C: 0.01\n"
