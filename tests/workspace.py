@@ -24,16 +24,17 @@ def run(
 ) -> subprocess.CompletedProcess:
     """Run a command with the project's venv first on PATH (DVC stages call `headswap`).
 
-    MLFLOW_TRACKING_URI is dropped so each workspace uses its own embedded sqlite store.
+    An inherited MLFLOW_TRACKING_URI is dropped, so each workspace uses its own embedded sqlite
+    store unless ``env`` names one.
     """
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env = {
-        **os.environ,
+        **inherited,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         **(env or {}),
     }
-    full_env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(

@@ -98,3 +98,17 @@ def test_registered_challenger_predicts_what_evaluate_reported(reproduced: Path,
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     classes = json.loads(meta["headswap.classes"])
     assert [classes[i] for i in labels] == [r["predicted"] for r in rows]
+
+
+def test_a_new_tracking_store_gets_the_model_registered_again(reproduced: Path, tmp_path):
+    """Never a registration restored from DVC's run cache: the store in use gets the model."""
+    from mlflow import MlflowClient
+
+    before = json.loads((reproduced / "models/registry.json").read_text())
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    result = run(["dvc", "repro"], reproduced, {"MLFLOW_TRACKING_URI": store})
+    assert "register" in ran_stages(result.stdout)
+    after = json.loads((reproduced / "models/registry.json").read_text())
+    assert after["tracking_uri"] == store and after["run_id"] != before["run_id"]
+    versions = MlflowClient(store).search_model_versions("name='elpv-defects'")
+    assert [v.version for v in versions] == ["1"]
