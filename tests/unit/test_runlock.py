@@ -49,9 +49,9 @@ def test_waiting_gives_up_with_one_line_naming_the_holder(tmp_path, monkeypatch)
     holder = _hold(lock, 30)
     monkeypatch.setenv(runlock.WAIT_ENV, "0.5")
     try:
-        with pytest.raises(runlock.WorkspaceBusyError, match=r"make run \(test holder\).*held"):
-            with runlock.workspace_lock("headswap repro", lock):
-                pass
+        busy = pytest.raises(runlock.WorkspaceBusyError, match=r"make run \(test holder\).*held")
+        with busy, runlock.workspace_lock("headswap repro", lock):
+            pass
     finally:
         holder.kill()
         holder.wait()
