@@ -23,15 +23,16 @@ def predict(folder: str, out: str = "predictions.csv") -> dict:
     from pathlib import Path
 
     from headswap.config import load_params
-    from headswap.predict import champion_uri, predict_images
+    from headswap.predict import champion_uri, pin_alias, predict_images
 
     params = load_params("params.yaml")
-    result = predict_images(champion_uri(params.registry), [Path(folder)], Path(out))
+    uri, shown = pin_alias(champion_uri(params.registry))
+    result = predict_images(uri, [Path(folder)], Path(out))
     create_table_artifact(
         key="predicted-class-counts",
         table=[{"class": name, "images": count} for name, count in result.class_counts.items()]
         + [{"class": "(unreadable)", "images": result.errors}],
-        description=f"{result.rows} image(s) from {folder} scored by {result.model_uri}",
+        description=f"{result.rows} image(s) from {folder} scored by {shown}",
     )
     print(f"wrote {result.out} ({result.rows} rows, {result.errors} unreadable)")
     return {

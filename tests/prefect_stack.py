@@ -92,9 +92,16 @@ def served_workspace(prefect_server, tmp_path_factory) -> Iterator[ServedWorkspa
     """`python -m flows.serve` in a fresh workspace copy, until all its deployments exist."""
     cache = tmp_path_factory.getbasetemp() / "headswap-cache"
     root = make_workspace(tmp_path_factory.mktemp("served") / "workspace", cache)
+    with serving(root, prefect_server, cache) as served:
+        yield served
+
+
+@contextmanager
+def serving(root: Path, server: PrefectServer, cache: Path) -> Iterator[ServedWorkspace]:
+    """Serve ``root``'s deployments to ``server`` (as `make ui` does) for the block."""
     env = {
-        **prefect_server.env,
-        "PREFECT_API_URL": prefect_server.api_url,
+        **server.env,
+        "PREFECT_API_URL": server.api_url,
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "PREFECT_LOGGING_LEVEL": "INFO",
         "HEADSWAP_CACHE_DIR": str(cache),
@@ -103,8 +110,8 @@ def served_workspace(prefect_server, tmp_path_factory) -> Iterator[ServedWorkspa
     service = Service("deployments", [sys.executable, "-m", "flows.serve"], None, env=env)
     start(service, cwd=root)
     try:
-        wait_for_deployments(service, prefect_server.api_url)
-        yield ServedWorkspace(root, prefect_server, root / service.log_path)
+        wait_for_deployments(service, server.api_url)
+        yield ServedWorkspace(root, server, root / service.log_path)
     finally:
         stop(service)
 

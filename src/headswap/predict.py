@@ -78,6 +78,22 @@ def champion_uri(registry) -> str:
     return f"models:/{registry.model_name}@champion"
 
 
+def pin_alias(model: str) -> tuple[str, str]:
+    """(URI to load, how to show it): ``models:/<name>@<alias>`` becomes the version the alias
+    names now, so the model scored is the one reported even if the alias moves meanwhile."""
+    if not model.startswith("models:/") or "@" not in model:
+        return model, model
+    from mlflow import MlflowClient
+
+    from headswap.registry import alias_version, tracking_uri
+
+    name, alias = model.removeprefix("models:/").rsplit("@", 1)
+    version = alias_version(MlflowClient(tracking_uri()), name, alias)
+    if version is None:
+        return model, model  # download_model then says the alias is not set
+    return f"models:/{name}/{version}", f"{model} (version {version})"
+
+
 def download_model(model: str, dst: Path) -> Path:
     """The .onnx file behind ``model``: a local path, or an MLflow URI downloaded into ``dst``."""
     local = Path(model)
