@@ -41,6 +41,7 @@ from headswap.backbones import (
     load_body,
     resolve_backbone,
 )
+from headswap.codeversion import code_version
 from headswap.feature_cache import FeatureCache, default_cache_dir
 from headswap.imaging import open_rgb
 from headswap.io import atomic_path, atomic_write_text
@@ -195,7 +196,14 @@ def resolve_engine(config: FeaturesConfig) -> tuple[str, str]:
 def body_onnx_path(cache_root: Path, spec: BackboneSpec, backbone: BackboneConfig) -> Path:
     """Where the exported body for this backbone, taps, pool and input size is cached."""
     # "padding": bodies exported before fix_same_padding existed are slower, not different.
-    identity = {**spec.identity(backbone.taps, backbone.pool), "input": "uint8", "padding": "fixed"}
+    # "code_version": the graph holds the in-graph preprocessing, so a body exported before a
+    # change to it must not be reused.
+    identity = {
+        **spec.identity(backbone.taps, backbone.pool),
+        "input": "uint8",
+        "padding": "fixed",
+        "code_version": code_version(),
+    }
     return cache_root / "bodies" / f"{identity_key(identity)}.onnx"
 
 
@@ -420,8 +428,13 @@ def feature_cache_key(spec: BackboneSpec, backbone: BackboneConfig, config: Feat
 
 
 def feature_identity(spec: BackboneSpec, backbone: BackboneConfig, config: FeaturesConfig) -> dict:
-    """Everything that changes an image's embedding, except the image."""
-    return {**spec.identity(backbone.taps, backbone.pool), "views": config.views}
+    """Everything that changes an image's embedding, except the image.
+
+    ``code_version`` stands for the decoding and preprocessing code (``headswap.codeversion``):
+    a real change to it re-embeds, any other edit keeps the cache.
+    """
+    identity = spec.identity(backbone.taps, backbone.pool)
+    return {**identity, "views": config.views, "code_version": code_version()}
 
 
 def _embed_locally(

@@ -123,6 +123,23 @@ def test_only_new_images_are_embedded(workspace):
     assert (last_run["hits"], last_run["misses"]) == (10, 3)
 
 
+def test_a_new_code_version_misses_the_cache(workspace, monkeypatch):
+    """Changed decoding or preprocessing code: every image is embedded again under a new key,
+    through a freshly exported body; the old code's entries stay valid for the old code."""
+    root, backbone, features = workspace
+    first = run_stage(root, backbone, features)
+    monkeypatch.setattr("headswap.features.code_version", lambda: "changed-code")
+    second = run_stage(root, backbone, features)
+    assert (second.cache_hits, second.images) == (0, 10) and second.cache_key != first.cache_key
+    summary = summarize_cache(root / "cache")
+    assert {k.key: k.entries for k in summary.keys} == {first.cache_key: 10, second.cache_key: 10}
+    assert summary.bodies == 2
+    key_json = root / "cache" / "embeddings" / second.cache_key / "key.json"
+    assert json.loads(key_json.read_text())["code_version"] == "changed-code"
+    monkeypatch.undo()
+    assert run_stage(root, backbone, features).cache_hits == 10
+
+
 def test_a_torn_entry_is_detected_and_recomputed(workspace):
     root, backbone, features = workspace
     first = run_stage(root, backbone, features)
