@@ -1,20 +1,27 @@
 """Dataset ingestion (source -> data/raw) and the prepare stage (data/raw -> manifest + report).
 
-``data/raw`` is an ImageFolder (``<class>/<image>``) that DVC versions with ``dvc add``. An
-optional ``attributes.csv`` at its root adds per-image slice attributes (ELPV's cell type).
+``data/raw`` is an ImageFolder (``<class>/<image>``), the persistent output of the DVC ``ingest``
+stage, which syncs it with ``data.source`` on every run. An optional ``attributes.csv`` at its root
+adds per-image slice attributes (ELPV's cell type).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 from headswap.config import DataConfig, SplitConfig
 from headswap.errors import DataError
@@ -24,17 +31,52 @@ from headswap.io import atomic_write_text, progress
 ATTRIBUTES_FILE = "attributes.csv"
 # Files ingest could not copy (broken or looping symlinks): prepare folds them into its report.
 INGEST_REPORT_FILE = "ingest_report.json"
-MANIFEST_COLUMNS = ("path", "sha256", "label", "split")
+# Files ingest itself writes at the root of data/raw; everything else there mirrors the source.
+ROOT_FILES = frozenset({ATTRIBUTES_FILE, INGEST_REPORT_FILE})
+# sha256 is of the file's bytes (the feature cache's key); pixels_sha256 is of the decoded RGB
+# pixels, so a re-encoded copy of an image is recognised as the same image.
+MANIFEST_COLUMNS = ("path", "sha256", "pixels_sha256", "label", "split")
 ELPV_DEFECT_THRESHOLD = 0.5  # Deitsch et al.: defective means defect probability >= 0.5
 # How an image's split is decided, recorded on every registered version: two versions with the
 # same rule, seed and fractions put every image in the same split.
 SPLIT_RULE = "pixels-sha256-threshold-v1"
+# Suffix of ingest's temp files (hidden names): a leftover one is from an interrupted sync.
+INGEST_TMP_SUFFIX = ".ingest-tmp"
+
+
+@dataclass(frozen=True)
+class ClassChanges:
+    """What one ingest sync did to one class folder of data/raw, in files."""
+
+    added: int = 0
+    removed: int = 0
+    replaced: int = 0
+    unchanged: int = 0
 
 
 @dataclass(frozen=True)
 class IngestResult:
+    """The synced folder, its files per class, and what the sync changed.
+
+    Attributes:
+        root: the data/raw folder.
+        class_counts: files per class in ``root`` after the sync.
+        changes: per class (every class that had files before or after), what the sync did.
+        rewritten: root files (``attributes.csv``, ``ingest_report.json``) written or removed
+            because their content changed.
+    """
+
     root: Path
     class_counts: dict[str, int]
+    changes: dict[str, ClassChanges] = field(default_factory=dict)
+    rewritten: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        """Whether the sync changed anything under ``root``."""
+        return bool(self.rewritten) or any(
+            c.added or c.removed or c.replaced for c in self.changes.values()
+        )
 
 
 @dataclass(frozen=True)
@@ -44,6 +86,7 @@ class PrepareResult:
     class_counts: dict[str, dict[str, int]]
     skipped: int
     skipped_files: tuple[dict, ...] = ()  # {"path", "reason"} per unreadable file
+    warnings: tuple[str, ...] = ()  # e.g. a class with no test images (also in validation.json)
 
 
 def _elpv_records(max_per_class: int | None) -> list[tuple[Path, str, dict[str, str]]]:
@@ -94,10 +137,16 @@ def _hidden(path: Path) -> bool:
 
 
 def ingest(config: DataConfig, raw_dir: Path) -> IngestResult:
-    """Materialise ``data.source`` as an ImageFolder at ``raw_dir``, ready for ``dvc add``.
+    """Sync ``raw_dir`` with ``data.source``: copy new files, replace changed ones, drop gone ones.
 
-    The folder is built beside the target and swapped in with a rename, so an interrupted ingest
-    never leaves a half-copied dataset for DVC to version.
+    Unchanged files are left alone (same inode and mtime), so DVC's hash cache stays warm and
+    ``data/raw`` keeps its md5 when the source did not change. Each file is copied to a hidden
+    temp file beside its target and renamed into place, so an interrupted sync never leaves a
+    half-written file under a final name; the next sync removes its temp files and finishes.
+
+    Raises:
+        DataError: ``data.source`` is not ``elpv`` nor a folder, or holds no files; data/raw is
+            left as it was.
     """
     if config.source == "elpv":
         records = _elpv_records(config.max_per_class)
@@ -105,31 +154,174 @@ def ingest(config: DataConfig, raw_dir: Path) -> IngestResult:
         records = _folder_records(Path(config.source).expanduser(), config.max_per_class)
     if not records:
         raise DataError(f"data.source '{config.source}' holds no files under <class>/ folders")
-
-    staging = raw_dir.with_name(raw_dir.name + ".ingest-tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    attributes_rows, uncopied = [], []
-    for source, label, attributes in progress(records, "ingest"):
-        target = staging / label / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        reason = _uncopyable(source)
-        if reason:
-            uncopied.append({"path": f"{label}/{source.name}", "reason": reason})
-            continue
-        shutil.copyfile(source, target)  # follows symlinks: data/raw holds plain files only
-        if attributes:
-            attributes_rows.append({"path": f"{label}/{source.name}", **attributes})
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(raw_dir)
+    wanted, attributes_rows, uncopied = _wanted_files(records)
+    tally: dict[str, Counter[str]] = {}
+    for relative, source in progress(list(wanted.items()), "ingest"):
+        outcome = _sync_file(source, raw_dir / relative)
+        tally.setdefault(relative.split("/")[0], Counter())[outcome] += 1
+    _remove_unwanted(raw_dir, set(wanted), tally)
     empty = _empty_classes(config.source, {label for _, label, _ in records})
-    if uncopied or empty:
-        report = {"skipped": uncopied, "empty_classes": empty}
-        atomic_write_text(staging / INGEST_REPORT_FILE, json.dumps(report, indent=2))
+    rewritten = _write_root_files(raw_dir, attributes_rows, uncopied, empty)
+    changes = {label: ClassChanges(**counts) for label, counts in sorted(tally.items())}
+    counts = {label: c.added + c.replaced + c.unchanged for label, c in changes.items()}
+    return IngestResult(raw_dir, {k: n for k, n in counts.items() if n}, changes, rewritten)
+
+
+def _wanted_files(
+    records: list[tuple[Path, str, dict]],
+) -> tuple[dict[str, Path], list[dict], list[dict]]:
+    """The files data/raw should hold ({"<class>/<name>": source}), attribute rows, and uncopied.
+
+    Nested source folders are flattened to ``<class>/<name>``; where two names collide, the
+    later file wins, as it did when ingest copied into an empty folder.
+    """
+    wanted: dict[str, Path] = {}
+    attributes: dict[str, dict] = {}
+    uncopied = []
+    for source, label, record_attributes in records:
+        relative = f"{label}/{source.name}"
+        if reason := _uncopyable(source):
+            uncopied.append({"path": relative, "reason": reason})
+            continue
+        wanted[relative] = source
+        if record_attributes:
+            attributes[relative] = {"path": relative, **record_attributes}
+    return wanted, list(attributes.values()), uncopied
+
+
+def _sync_file(source: Path, target: Path) -> str:
+    """Make ``target`` a copy of ``source``: returns 'added', 'replaced' or 'unchanged'."""
+    if not os.path.lexists(target):
+        _atomic_copy(source, target)
+        return "added"
+    if target.is_symlink() or not target.is_file():  # data/raw holds plain files only
+        _remove_path(target)
+    elif _same_content(source, target):
+        return "unchanged"
+    _atomic_copy(source, target)
+    return "replaced"
+
+
+def _same_content(source: Path, target: Path) -> bool:
+    """Size and mtime first; file hashes only when the sizes match but the mtimes differ."""
+    source_stat, target_stat = source.stat(), target.stat()
+    if source_stat.st_size != target_stat.st_size:
+        return False
+    if source_stat.st_mtime_ns == target_stat.st_mtime_ns:
+        return True
+    if sha256_file(source) != sha256_file(target):
+        return False
+    # Same bytes, other mtime (the source was touched, or data/raw came from an older ingest that
+    # did not keep mtimes): take the source's mtime so the next sync needs no hashing.
+    os.utime(target, ns=(target_stat.st_atime_ns, source_stat.st_mtime_ns))
+    return True
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    """Copy bytes, mode and mtime (``shutil.copy2``) via a hidden temp file and a rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _temp_beside(target) as tmp:
+        shutil.copy2(source, tmp)  # follows symlinks: data/raw holds plain files only
+
+
+@contextlib.contextmanager
+def _temp_beside(target: Path) -> Iterator[Path]:
+    """A hidden temp file beside ``target``, renamed onto it if the block succeeds."""
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=INGEST_TMP_SUFFIX, dir=target.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        descriptor = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # the bytes are on disk before the name points at them
+        finally:
+            os.close(descriptor)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _files_under(root: Path) -> set[str]:
+    """Every non-folder entry under ``root`` (symlinks to folders included), relative, posix."""
+    found = set()
+    for folder, subfolders, files in os.walk(root):
+        base = Path(folder).relative_to(root)
+        links = [name for name in subfolders if os.path.islink(os.path.join(folder, name))]
+        found.update((base / name).as_posix() for name in [*files, *links])
+    return found
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_unwanted(raw_dir: Path, wanted: set[str], tally: dict[str, Counter[str]]) -> None:
+    """Delete what the source no longer holds (and the folders that leaves empty)."""
+    for relative in sorted(_files_under(raw_dir) - wanted - ROOT_FILES):
+        _remove_path(raw_dir / relative)
+        if "/" in relative:  # a stray file at the root belongs to no class
+            tally.setdefault(relative.split("/")[0], Counter())["removed"] += 1
+    _remove_empty_folders(raw_dir)
+
+
+def _remove_leftovers(raw_dir: Path) -> None:
+    """Delete what an interrupted ingest left: temp files, and old ingests' staging folders."""
+    for relative in _files_under(raw_dir):
+        if Path(relative).name.endswith(INGEST_TMP_SUFFIX):
+            (raw_dir / relative).unlink(missing_ok=True)
+    for suffix in (".ingest-tmp", ".old-tmp"):  # ingest before the sync built a whole copy
+        shutil.rmtree(raw_dir.with_name(raw_dir.name + suffix), ignore_errors=True)
+
+
+def _remove_empty_folders(raw_dir: Path) -> None:
+    """Folders emptied by deletions go too: DVC cannot version an empty folder anyway."""
+    for folder, _, _ in os.walk(raw_dir, topdown=False):
+        if Path(folder) == raw_dir:
+            continue
+        with os.scandir(folder) as entries:
+            empty = not any(entries)
+        if empty:
+            os.rmdir(folder)
+
+
+def _write_root_files(
+    raw_dir: Path, attributes_rows: list[dict], uncopied: list[dict], empty: list[str]
+) -> tuple[str, ...]:
+    """Write attributes.csv and ingest_report.json (or remove them), only where content changed."""
+    attributes = None
     if attributes_rows:
-        with open(staging / ATTRIBUTES_FILE, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(attributes_rows[0]))
-            writer.writeheader()
-            writer.writerows(attributes_rows)
-    _swap_in(staging, raw_dir)
-    return IngestResult(raw_dir, dict(Counter(label for _, label, _ in records)))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(attributes_rows[0]))
+        writer.writeheader()
+        writer.writerows(attributes_rows)
+        attributes = buffer.getvalue()
+    report = None
+    if uncopied or empty:
+        report = json.dumps({"skipped": uncopied, "empty_classes": empty}, indent=2)
+    contents = {ATTRIBUTES_FILE: attributes, INGEST_REPORT_FILE: report}
+    return tuple(name for name, text in contents.items() if _write_if_changed(raw_dir / name, text))
+
+
+def _write_if_changed(path: Path, text: str | None) -> bool:
+    """Make ``path`` hold ``text`` (absent for None), touching it only if it differs."""
+    if text is None:
+        if not path.exists():
+            return False
+        path.unlink()
+        return True
+    if path.is_file() and path.read_bytes() == text.encode():
+        return False
+    with _temp_beside(path) as tmp:
+        tmp.write_bytes(text.encode())
+    return True
 
 
 def _empty_classes(source: str, filled: set[str]) -> list[str]:
@@ -157,15 +349,6 @@ def _uncopyable(path: Path) -> str | None:
     return "not a regular file"
 
 
-def _swap_in(staging: Path, target: Path) -> None:
-    retired = target.with_name(target.name + ".old-tmp")
-    shutil.rmtree(retired, ignore_errors=True)
-    if target.exists():
-        os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def class_order(labels: set[str], positive_class: str | None) -> list[str]:
     """Sorted class names; for two classes the positive one (if named and present) goes last."""
     classes = sorted(labels)
@@ -175,37 +358,68 @@ def class_order(labels: set[str], positive_class: str | None) -> list[str]:
     return classes
 
 
-def split_fraction(sha256: str, seed: int) -> float:
-    """A stable pseudo-random number in [0, 1) per image and seed.
-
-    Ranking by this (rather than shuffling a list) keeps every existing image in its split when
-    new images are added, so the test set only ever grows.
-    """
-    digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
+def split_fraction(content_hash: str, seed: int) -> float:
+    """A stable pseudo-random number in [0, 1) per image content and seed."""
+    digest = hashlib.sha256(f"{seed}:{content_hash}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def split_of(content_hash: str, config: SplitConfig) -> str:
+    """The split of one image: test below ``test_size``, then val, then train (``SPLIT_RULE``).
+
+    It depends on nothing but the image's pixels and the seed, so adding or removing other images
+    never moves it, and the test set only grows as the dataset grows.
+    """
+    fraction = split_fraction(content_hash, config.seed)
+    if fraction < config.test_size:
+        return "test"
+    return "val" if fraction < config.test_size + config.val_size else "train"
+
+
 def assign_splits(rows: list[dict], config: SplitConfig) -> None:
-    """Stratified split in place: per class, rank by ``split_fraction`` and cut test, val, train."""
-    by_label: dict[str, list[dict]] = {}
+    """Set each row's ``split`` in place from its ``pixels_sha256`` (see ``split_of``).
+
+    Every class meets the same thresholds, so the split is stratified in expectation; a small
+    class can miss a split altogether, which ``split_warnings`` reports.
+    """
     for row in rows:
-        by_label.setdefault(row["label"], []).append(row)
-    for members in by_label.values():
-        members.sort(key=lambda row: (split_fraction(row["sha256"], config.seed), row["path"]))
-        n_test = max(1, round(len(members) * config.test_size))
-        n_val = round(len(members) * config.val_size)
-        if config.val_size > 0:
-            n_val = max(1, n_val)
-        if n_test + n_val >= len(members):
-            raise DataError(
-                f"class '{members[0]['label']}' has {len(members)} images: too few to give at "
-                f"least one each to test ({n_test}), val ({n_val}) and train. Add images or "
-                "lower data.split.test_size / data.split.val_size."
-            )
-        for index, row in enumerate(members):
-            row["split"] = (
-                "test" if index < n_test else "val" if index < n_test + n_val else "train"
-            )
+        row["split"] = split_of(row["pixels_sha256"], config)
+
+
+def split_warnings(rows: list[dict], config: SplitConfig) -> list[str]:
+    """Splits a class (or the whole dataset) ended up without, as messages for people.
+
+    Raises:
+        DataError: the test or train split is empty, so nothing could be trained or scored.
+    """
+    held = {(row["label"], row["split"]) for row in rows}
+    splits = {split for _, split in held}
+    if "test" not in splits:
+        raise DataError(
+            f"the test split is empty: none of the {len(rows)} images drew a fraction below "
+            f"data.split.test_size={config.test_size}. Add images or raise data.split.test_size."
+        )
+    if "train" not in splits:
+        raise DataError(
+            f"the train split is empty: all {len(rows)} images went to test or val. Add images "
+            "or lower data.split.test_size / data.split.val_size."
+        )
+    checked = ["test", "train"]
+    warnings = []
+    if config.val_size > 0 and "val" not in splits:
+        warnings.append(
+            "the val split is empty: the head keeps temperature 1.0 and threshold 0.5. "
+            "Add images or raise data.split.val_size."
+        )
+    elif config.val_size > 0:
+        checked.append("val")
+    for label in sorted({row["label"] for row in rows}):
+        warnings.extend(
+            f"class '{label}' has no {split} images: add images"
+            for split in checked
+            if (label, split) not in held
+        )
+    return warnings
 
 
 def _read_attributes(raw_dir: Path) -> dict[str, dict[str, str]]:
@@ -253,10 +467,14 @@ def _classify(path: Path, raw_dir: Path, label: str, scan: _Scan) -> None:
     elif path.is_dir():
         if path.is_symlink():
             scan.ignored.append({"path": relative, "reason": "symlinked folder (not followed)"})
-    elif reason := _problem(path):
-        scan.skipped.append({"path": relative, "reason": reason})
     else:
-        scan.rows.append({"path": relative, "sha256": sha256_file(path), "label": label})
+        try:
+            pixels = _pixels_sha256(path)
+        except UnreadableImageError as error:
+            scan.skipped.append({"path": relative, "reason": str(error)})
+            return
+        row = {"path": relative, "sha256": sha256_file(path), "pixels_sha256": pixels}
+        scan.rows.append({**row, "label": label})
 
 
 def _read_ingest_report(raw_dir: Path) -> dict:
@@ -264,17 +482,28 @@ def _read_ingest_report(raw_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _problem(path: Path) -> str | None:
-    """Why a file cannot be used, or None when it decodes as an image."""
+def _pixels_sha256(path: Path) -> str:
+    """The hash of the decoded image (see ``pixels_sha256``), from the one decode prepare does.
+
+    Raises:
+        UnreadableImageError: why the file cannot be used (its message goes in the report).
+    """
     if path.is_symlink() and (reason := _uncopyable(path)):
-        return reason
+        raise UnreadableImageError(reason)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return f"not an image extension ({path.suffix or 'none'})"
-    try:
-        open_rgb(path)
-    except UnreadableImageError as error:
-        return str(error)
-    return None
+        raise UnreadableImageError(f"not an image extension ({path.suffix or 'none'})")
+    return pixels_sha256(open_rgb(path))
+
+
+def pixels_sha256(image: Image.Image) -> str:
+    """sha256 over mode, size and raw bytes of a decoded image.
+
+    The same picture saved as PNG and as BMP (or re-compressed) has other file bytes but the same
+    pixels: this hash makes it one image for deduplication, label conflicts and the split.
+    """
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def _check_dataset(scan: _Scan, config: DataConfig) -> None:
@@ -293,16 +522,25 @@ def _check_dataset(scan: _Scan, config: DataConfig) -> None:
             "Add images or remove those class folders."
         )
     _check_label_conflicts(scan.rows)
+    _check_positive_class(config.positive_class, set(counts))
+
+
+def _check_positive_class(positive_class: str | None, classes: set[str]) -> None:
+    if positive_class is not None and positive_class not in classes:
+        raise DataError(
+            f"data.positive_class: '{positive_class}' is not one of the classes found in "
+            f"data/raw {sorted(classes)}: set data.positive_class to one of them (or null)."
+        )
 
 
 def _check_label_conflicts(rows: list[dict]) -> None:
     labels_by_hash: dict[str, set[str]] = {}
     for row in rows:
-        labels_by_hash.setdefault(row["sha256"], set()).add(row["label"])
-    conflicts = [row["path"] for row in rows if len(labels_by_hash[row["sha256"]]) > 1]
+        labels_by_hash.setdefault(row["pixels_sha256"], set()).add(row["label"])
+    conflicts = [row["path"] for row in rows if len(labels_by_hash[row["pixels_sha256"]]) > 1]
     if conflicts:
         raise DataError(
-            "the same image (same sha256) appears under different labels: "
+            "the same image (same decoded pixels) appears under different labels: "
             + ", ".join(sorted(conflicts)[:10])
             + ". Remove the wrong copies."
         )
@@ -322,6 +560,7 @@ def prepare(config: DataConfig, raw_dir: Path, out_dir: Path) -> PrepareResult:
     _check_dataset(scan, config)
     rows, duplicates = _deduplicate(scan.rows)
     assign_splits(rows, config.split)
+    warnings = split_warnings(rows, config.split)
     attribute_columns = _attach_attributes(rows, raw_dir)
     classes = class_order({row["label"] for row in rows}, config.positive_class)
     counts = {
@@ -342,10 +581,17 @@ def prepare(config: DataConfig, raw_dir: Path, out_dir: Path) -> PrepareResult:
         "ignored": scan.ignored,
         "duplicates": duplicates,
         "empty_classes": scan.empty_classes,
+        "split_rule": SPLIT_RULE,
+        "warnings": warnings,
     }
     atomic_write_text(out_dir / "validation.json", json.dumps(report, indent=2))
     return PrepareResult(
-        manifest, out_dir / "validation.json", counts, len(scan.skipped), tuple(scan.skipped)
+        manifest,
+        out_dir / "validation.json",
+        counts,
+        len(scan.skipped),
+        tuple(scan.skipped),
+        tuple(warnings),
     )
 
 
@@ -377,24 +623,25 @@ def _attach_attributes(rows: list[dict], raw_dir: Path) -> list[str]:
 
 
 def _deduplicate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Keep one row per image content, so a copied file cannot land in both train and test.
+    """Keep one row per decoded image: the copy whose path sorts first.
+
+    Copies share ``pixels_sha256`` and so a split already; dropping them keeps a re-encoded copy
+    from weighing twice in training or in the test metrics.
 
     Returns the kept rows and the dropped copies (each naming the file it duplicates).
     """
     kept: dict[str, str] = {}
     unique, duplicates = [], []
-    for row in rows:
-        if row["sha256"] in kept:
-            duplicates.append({"path": row["path"], "same_as": kept[row["sha256"]]})
+    for row in sorted(rows, key=lambda row: row["path"]):
+        if row["pixels_sha256"] in kept:
+            duplicates.append({"path": row["path"], "same_as": kept[row["pixels_sha256"]]})
         else:
-            kept[row["sha256"]] = row["path"]
+            kept[row["pixels_sha256"]] = row["path"]
             unique.append(row)
     return unique, duplicates
 
 
 def _write_manifest(path: Path, rows: list[dict], columns: list[str]) -> None:
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

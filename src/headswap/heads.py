@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class HeadMeta:
     device: str
     train_seconds: float
     epochs: int
+    # Why a val-fitted number took its default (an empty val split), for the model card and logs.
+    calibration_notes: list[str] = field(default_factory=list)
 
 
 class Head(nn.Module):
@@ -338,6 +340,7 @@ def train_head(
             decision = choose_threshold(predict_proba(head, val_x), val_y)
         elif threshold != "auto":
             decision = float(threshold)
+    notes = _empty_val_notes(config, len(classes), threshold) if not len(val_y) else []
     seconds = time.perf_counter() - started
     meta = HeadMeta(
         config.type,
@@ -351,8 +354,22 @@ def train_head(
         device,
         round(seconds, 3),
         steps,
+        notes,
     )
     return head.cpu().float(), meta
+
+
+def _empty_val_notes(config: HeadConfig, n_classes: int, threshold: float | str) -> list[str]:
+    """What an empty val split left at its default (data.split.val_size 0, or a tiny dataset)."""
+    notes = ["temperature 1.0: the val split is empty, so there is nothing to calibrate on"]
+    if n_classes == 2 and threshold == "auto":
+        notes.append("threshold 0.5: evaluate.threshold is 'auto' but the val split is empty")
+    if config.type == "mlp":
+        notes.append(
+            f"no early stopping: the val split is empty, so the mlp trained all "
+            f"head.max_iter={config.max_iter} epochs"
+        )
+    return notes
 
 
 def save_head(head: Head, meta: HeadMeta, weights_path: Path, meta_path: Path) -> None:

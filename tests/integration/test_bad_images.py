@@ -258,9 +258,14 @@ def test_symlinks_placed_directly_in_data_raw(tmp_path, monkeypatch):
         ({"cat": 5}, {}, ["need at least 2 classes", "['cat']"]),
         ({"cat": 5, "dog": 0}, {}, ["need at least 2 classes", "empty class folders: ['dog']"]),
         ({"cat": 5, "dog": 1}, {}, ["below data.min_per_class=2", "'dog': 1"]),
-        ({"cat": 5, "dog": 1}, {"min_per_class": 1}, ["class 'dog' has 1 images: too few"]),
+        # every image's split comes from its own pixels: these three all draw fractions >= 0.1
+        (
+            {"cat": 2, "dog": 1},
+            {"min_per_class": 1, "split": "{test_size: 0.1}"},
+            ["the test split is empty", "Add images or raise data.split.test_size"],
+        ),
     ],
-    ids=["single-class", "empty-class-leaves-one", "single-image-class", "single-image-min-1"],
+    ids=["single-class", "empty-class-leaves-one", "single-image-class", "empty-test-split"],
 )
 def test_dataset_level_errors_stop_before_training(
     tmp_path, monkeypatch, layout, params, fragments
@@ -293,7 +298,7 @@ def test_same_image_under_two_labels_is_an_error_naming_both_files(tmp_path, mon
     assert run_cli("ingest").exit_code == 0
     result = run_cli("prepare")
     assert result.exit_code == 1
-    assert "same image (same sha256) appears under different labels" in result.output
+    assert "same image (same decoded pixels) appears under different labels" in result.output
     assert "cat/cat0.png" in result.output and "dog/copy of cat0.png" in result.output
 
 
