@@ -86,7 +86,7 @@ def train(parameters: TrainParameters | None = None) -> dict:
     """Train a head on a frozen body: every dvc.yaml stage, recorded in DVC and MLflow.
 
     Args:
-        parameters: params.yaml keys to override, like `dvc exp run -S`; a field left empty
+        parameters: params.yaml keys to override, like `dvc exp run -S`; a field left None
             keeps params.yaml's value as it is when the run starts. An invalid value fails the
             run before anything is written. None runs params.yaml exactly as it is.
     """

@@ -13,20 +13,33 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 
 @flow(name="promote", log_prints=True)
-def promote(version: int | None = None, force: bool = False, reason: str = "") -> dict:
+def promote(
+    version: int | None = None,
+    force: bool = False,
+    reason: str = "",
+    allow_split_conflict: bool = False,
+) -> dict:
     """Re-score challenger (or ``version``) and champion on the test split; promote on a pass.
 
     Args:
         version: registered version to promote; default the one with the ``challenger`` alias.
-        force: promote even though the two versions' test-split fingerprints differ (recorded).
+        force: promote even if gate rules fail (needs ``reason``; recorded as an override).
         reason: why, for the audit history.
+        allow_split_conflict: compare although the test split is not fair to one of the versions
+            (needs ``reason``; recorded as an override).
     """
     from headswap.config import load_params
     from headswap.promotion import PromotionFiles, promote_version
 
     params = load_params("params.yaml")
     outcome = promote_version(
-        params.registry, PromotionFiles(), version=version, force=force, reason=reason
+        params.registry,
+        PromotionFiles(),
+        version=version,
+        force=force,
+        reason=reason,
+        split=params.data.split,
+        allow_split_conflict=allow_split_conflict,
     )
     if outcome.comparison is not None:
         create_table_artifact(

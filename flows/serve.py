@@ -1,7 +1,7 @@
 """Serve the ``train``, ``promote`` and ``predict`` deployments to a Prefect server.
 
 ``make ui`` starts the servers and runs this; it needs ``PREFECT_API_URL``. The train form's
-fields start empty, meaning "as in params.yaml when the run starts"; the train deployment runs one
+fields start as None, meaning "as in params.yaml when the run starts"; the train deployment runs one
 at a time (runs share this workspace, so a second trigger waits in the queue), and retrains on
 ``schedule.train_cron`` if set.
 
@@ -74,7 +74,7 @@ def _train_options(params: Params) -> dict:
         # Empty overrides: a default or scheduled run trains on params.yaml as it is then.
         "parameters": {"parameters": {}},
         "description": "Train a head on a frozen body: every dvc.yaml stage as a task, recorded "
-        "as a DVC experiment and an MLflow run. Leave a field empty to use params.yaml's value "
+        "as a DVC experiment and an MLflow run. Leave a field None to use params.yaml's value "
         "at run time; a value you fill in is written into params.yaml, like `dvc exp run -S`.",
         "concurrency_limit": ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE

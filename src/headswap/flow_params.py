@@ -1,6 +1,6 @@
 """The typed parameters a person sets in the Prefect UI's run form.
 
-Each field overrides one params.yaml key. Every field is empty by default, and empty means "as
+Each field overrides one params.yaml key. Every field is None by default, and None means "as
 params.yaml holds it when the run starts": the form never carries a copy of params.yaml taken when
 the deployments were served, so a default run (or the nightly schedule) can never write an old
 value back over a person's later edit. An invalid value fails the run with a message naming the
@@ -44,11 +44,11 @@ FIELD_TO_PARAM = {
 }
 
 
-AS_IN_PARAMS = "Empty: as in params.yaml when the run starts. "
+AS_IN_PARAMS = "None: as in params.yaml when the run starts. "
 
 
 class TrainParameters(BaseModel):
-    """Each field overrides one params.yaml key; an empty field keeps params.yaml's value."""
+    """Each field overrides one params.yaml key; a field left None keeps params.yaml's value."""
 
     model_config = ConfigDict(extra="forbid", title="Train parameters")
 

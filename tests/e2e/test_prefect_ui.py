@@ -1,6 +1,6 @@
 """A person's path through the Prefect UI, in a real headless Chromium (Debian's package).
 
-Deployments -> train -> Run -> Custom run -> fill in head C -> Submit -> the run reaches Completed.
+Deployments -> train -> Run -> Custom run -> set C (float) -> Submit -> the run is Completed.
 Slow: a real Prefect server, the served deployments and one pipeline run on 40 ELPV images.
 """
 
@@ -26,11 +26,15 @@ UI_TIMEOUT_S = 60
 RUN_TIMEOUT_S = 900
 NEW_C = "0.0625"
 FORM_URL = r"/deployments/deployment/[0-9a-f-]+/run(\?|$)"
-# The number box of the form's "C" field (the innermost labelled property holding that label).
-C_INPUT = (
-    "//span[contains(@class,'schema-form-property__label') and normalize-space()='C']"
-    "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' p-label ')][1]//input"
+# The form's "C" field (the innermost labelled property holding that label): its type buttons
+# (float | str | None, None chosen: as in params.yaml) and, once float is chosen, its number box.
+C_FIELD = (
+    "//span[contains(@class,'schema-form-property__label') and normalize-space()='C (Optional)']"
+    "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' p-label ')][1]"
 )
+C_CHOSEN_TYPE = C_FIELD + "//button[@aria-selected='true']"
+C_AS_FLOAT = C_FIELD + "//button[normalize-space()='float']"
+C_INPUT = C_FIELD + "//input"
 
 
 @pytest.fixture
@@ -94,8 +98,10 @@ def test_custom_run_from_the_ui_completes(served_workspace, chromium_driver, tmp
         click("//button[normalize-space()='Run']")
         click("//*[normalize-space()='Custom run']")
         wait.until(ready.url_contains("/run"))
+        chosen = wait.until(ready.presence_of_element_located((By.XPATH, C_CHOSEN_TYPE)))
+        assert chosen.text.strip() == "None", "C starts as None: params.yaml's value at run time"
+        click(C_AS_FLOAT)
         c_input = wait.until(ready.element_to_be_clickable((By.XPATH, C_INPUT)))
-        assert not c_input.get_attribute("value"), "C starts empty: as in params.yaml at run time"
         c_input.send_keys(Keys.CONTROL, "a")  # select, then type over, as a person would
         c_input.send_keys(NEW_C)
         driver.save_screenshot(str(shots / "prefect-custom-run-form.png"))

@@ -30,7 +30,7 @@ def test_schema_fields_are_optional_and_say_what_empty_means():
     assert set(schema["properties"]) == set(FIELD_TO_PARAM)
     for field in schema["properties"].values():
         assert field.get("default") is None
-        assert field["description"].startswith("Empty: as in params.yaml")
+        assert field["description"].startswith("None: as in params.yaml")
     assert schema["$defs"]["Backbone"]["enum"][0] == "efficientnet_lite0"
 
 
