@@ -107,9 +107,11 @@ def _elpv_records(max_per_class: int | None) -> list[tuple[Path, str, dict[str, 
 
 def _folder_records(root: Path, max_per_class: int | None) -> list[tuple[Path, str, dict]]:
     if not root.is_dir():
+        # A clone may hold data/raw (dvc pull) without the folder it came from.
         raise DataError(
             f"data.source: '{root}' is not a directory (allowed: 'elpv', or the path of an "
-            "ImageFolder directory laid out as <class>/<image files>)"
+            "ImageFolder directory laid out as <class>/<image files>). To re-run on the data/raw "
+            "that DVC holds instead (`dvc pull`), run `dvc repro --downstream prepare`"
         )
     records = [
         (path, class_dir.name, {})
@@ -601,7 +603,7 @@ def _missing_raw_message(raw_dir: Path, source: str) -> str:
             f"{raw_dir} does not exist, and data.source: '{source}' is not a directory (allowed: "
             "'elpv', or the path of an ImageFolder <class>/<image files>)"
         )
-    return f"{raw_dir} does not exist: run `headswap ingest` (or `make run`) first"
+    return f"{raw_dir} does not exist: run `make repro` (or `dvc repro`) to ingest data.source"
 
 
 def _fail_message(skipped: list[dict], raw_dir: Path) -> str:
