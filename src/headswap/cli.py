@@ -172,6 +172,14 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
     from headswap.registry import StageFiles, register_model
 
     registration = register_model(_params(params), StageFiles(), MODELS / "registry.json")
+    if registration.reused:
+        console.print(
+            f"already registered: {registration.model_name} v{registration.version} in "
+            f"{registration.tracking_uri}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     console.print(
         f"registered {registration.model_name} v{registration.version} "
         f"aliases {registration.aliases} (run {registration.run_id})"
@@ -183,15 +191,32 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
 def promote(
     params: ParamsOption = Path("params.yaml"),
     version: Annotated[int | None, typer.Option(help="version (default: @challenger)")] = None,
-    force: Annotated[bool, typer.Option(help="compare despite different test splits")] = False,
+    force: Annotated[
+        bool, typer.Option(help="promote even if gate rules fail (needs --reason; recorded)")
+    ] = False,
+    allow_split_conflict: Annotated[
+        bool,
+        typer.Option(
+            "--allow-split-conflict",
+            help="compare although a test image was in a version's training data or the split "
+            "settings differ (needs --reason; recorded)",
+        ),
+    ] = False,
     reason: Annotated[str, typer.Option(help="why, for the audit history")] = "",
 ) -> None:
     """Re-score challenger and champion on the test split; move @champion if the gate passes."""
     from headswap.promotion import PromotionFiles, promote_version
 
+    config = _params(params)
     files = PromotionFiles(PREPARED / "manifest.csv", RAW_DIR)
     outcome = promote_version(
-        _params(params).registry, files, version=version, force=force, reason=reason
+        config.registry,
+        files,
+        version=version,
+        force=force,
+        reason=reason,
+        split=config.data.split,
+        allow_split_conflict=allow_split_conflict,
     )
     if outcome.comparison is not None:
         _print_comparison(outcome.comparison)
@@ -211,9 +236,11 @@ def _print_comparison(comparison) -> None:
 
     rows = comparison.table_rows()
     n = len(comparison.champion.labels)
+    new = comparison.new_to_champion
     table = Table(
         title=f"challenger v{comparison.challenger.version} vs champion "
         f"v{comparison.champion.version} on {n} test images"
+        + ("" if new is None else f" ({new} new to the champion)")
     )
     for column in rows[0]:
         table.add_column(
@@ -238,16 +265,6 @@ def history(params: ParamsOption = Path("params.yaml")) -> None:
     for column in ("#", "time (UTC)", "action", "outcome", "from", "to", "user", "reason", "gate"):
         table.add_column(column)
     for entry in read(config):
-        gate = entry.get("gate") or {}
-        verdict = entry.get("refusal") or (
-            ""
-            if not gate
-            else "passed"
-            if gate["passed"]
-            else "failed: " + ", ".join(gate["failed"])
-        )
-        if entry.get("forced"):
-            verdict = f"FORCED ({entry.get('override')}) {verdict}"
         table.add_row(
             str(entry["seq"]),
             entry["time"],
@@ -257,9 +274,24 @@ def history(params: ParamsOption = Path("params.yaml")) -> None:
             f"v{entry['new_version']}",
             entry["user"],
             entry["reason"],
-            verdict,
+            _audit_verdict(entry),
         )
     _wide_console().print(table)
+
+
+def _audit_verdict(entry: dict) -> str:
+    """The gate's result of one audit entry, and any override a person took."""
+    gate = entry.get("gate") or {}
+    verdict = entry.get("refusal") or (
+        "" if not gate else "passed" if gate["passed"] else "failed: " + ", ".join(gate["failed"])
+    )
+    if not entry.get("forced"):
+        return verdict
+    # Entries written before overrides were named carry the refused reason in `override`.
+    override = entry.get("override") or "?"
+    conflicts = entry.get("split_conflicts") or []
+    split = f"; split conflicts: {'; '.join(conflicts)}" if conflicts else ""
+    return f"OVERRIDE {override}: {verdict}{split}"
 
 
 @app.command()

@@ -53,14 +53,40 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _data_section(lineage: dict, validation: dict) -> list[str]:
     classes, counts = validation["classes"], validation["counts"]
     rows = [[split, *[str(counts[split].get(c, 0)) for c in classes]] for split in counts]
+    split = ", ".join(
+        f"{key.removeprefix('split_')} `{lineage[key]}`"
+        for key in ("split_rule", "split_seed", "split_test_size", "split_val_size")
+        if key in lineage
+    )
     return [
         "## Data",
         f"- data version (DVC md5): `{lineage.get('data_md5', 'unknown')}`",
+        *([f"- split: {split}; the manifest is `data/manifest.csv` in the run"] if split else []),
         f"- test-split fingerprint: `{lineage.get('test_fingerprint', 'unknown')}`",
         f"- images: {validation.get('images')}, skipped as unreadable: "
         f"{len(validation.get('skipped', []))}",
         "",
         *_table(["split", *classes], rows),
+    ]
+
+
+def _changes_section(changes: dict | None) -> list[str]:
+    """What changed in the data since the champion's (``registry.changes_since_champion``),
+    followed by a blank line; nothing when the card is rendered without it."""
+    if not changes:
+        return []
+    if not changes.get("per_class"):
+        return ["## Data changes since the champion", changes.get("note") or "Not compared.", ""]
+    kinds = ("added", "removed", "changed")
+    rows = [[name, *[str(c[k]) for k in kinds]] for name, c in changes["per_class"].items()]
+    rows.append(["total", *[str(changes["total"][k]) for k in kinds]])
+    return [
+        f"## Data changes since the champion (v{changes['since_version']})",
+        f"Compared with the champion's data (DVC md5 `{changes.get('since_data_md5')}`); "
+        "changed = same path with other content, or an image moved to another class.",
+        "",
+        *_table(["class", *kinds], rows),
+        "",
     ]
 
 
@@ -131,8 +157,12 @@ def render_model_card(
     metrics: dict,
     validation: dict,
     head: dict,
+    changes: dict | None = None,
 ) -> str:
-    """The markdown card for ``model_name`` version ``version``."""
+    """The markdown card for ``model_name`` version ``version``.
+
+    ``changes`` is what changed in the data since the champion's, shown as a short table.
+    """
     backbone = lineage.get("backbone", "unknown")
     dirty = " (uncommitted changes)" if lineage.get("git_dirty") == "true" else ""
     lines = [
@@ -156,6 +186,7 @@ def render_model_card(
         "",
         *_data_section(lineage, validation),
         "",
+        *_changes_section(changes),
         *_metrics_section(metrics),
         "",
         *_slices_section(metrics),

@@ -5,7 +5,14 @@ re-scores both with ONNX Runtime on the workspace's test split (the manifest's `
 never trusts stored numbers. The gate passes when the challenger is not worse than the champion
 beyond ``registry.gate`` tolerances on accuracy, ROC-AUC, every class's recall and ECE; McNemar's
 exact test and paired bootstrap intervals are reported beside it. Only a passing gate moves the
-``champion`` alias.
+``champion`` alias, unless a person overrides it (``force``, with a reason; audited).
+
+Fairness after growth. An image's split depends only on its content and the split settings, so
+the test split only grows as images arrive. Comparing two versions on today's test split is fair
+when none of today's test images was in either version's train or val split; each version's
+manifest (its run artifact ``data/manifest.csv``) says which images those were. ``split_conflicts``
+checks that, and the split settings, labels and class lists; a conflict refuses the comparison
+unless a person allows it (``allow_split_conflict``, with a reason; audited).
 
 Every decision (promoted, refused, rolled back, first champion) is appended to an audit history
 kept as registered-model tags ``headswap.audit.<seq>`` (JSON), visible in the MLflow UI.
@@ -39,16 +46,25 @@ from pathlib import Path
 
 import numpy as np
 
-from headswap.config import PromotionGateConfig, RegistryConfig
+from headswap.config import PromotionGateConfig, RegistryConfig, SplitConfig
 from headswap.errors import HeadswapError, RegistryError
-from headswap.registry import CHALLENGER, CHAMPION, alias_version, test_fingerprint, tracking_uri
+from headswap.registry import (
+    CHALLENGER,
+    CHAMPION,
+    SPLIT_TAGS,
+    alias_version,
+    content_column,
+    split_tags,
+    test_fingerprint,
+    tracking_uri,
+)
 
 AUDIT_PREFIX = "headswap.audit."
 LOCK_SUFFIX = ".promotion-lock"
 MAX_TAG_CHARS = (
     5000  # registered-model tag values are a 5000-character column in MLflow's SQL stores
 )
-FINGERPRINT_TAG = "test_fingerprint"  # version tag set by the register stage
+TRAINING_SPLITS = ("train", "val")  # what a model has learned from (val: calibration, stopping)
 PROMOTED, REFUSED, ROLLED_BACK, INITIAL = "promoted", "refused", "rolled_back", "initial"
 MOVES = (PROMOTED, ROLLED_BACK, INITIAL)
 
@@ -74,13 +90,16 @@ class PromotionFiles:
 
 @dataclass(frozen=True)
 class TestSet:
+    """The workspace's test images, and every manifest row (to check the split against)."""
+
     files: list[Path]
     labels: list[str]
     fingerprint: str
+    rows: list[dict] = field(default_factory=list)
 
 
 def load_test_set(files: PromotionFiles) -> TestSet:
-    """The manifest's test rows and their fingerprint (the same hash the register stage tags)."""
+    """The manifest's test rows, their fingerprint, and all rows of the manifest."""
     from headswap.data import read_manifest
 
     if not files.manifest.is_file():
@@ -96,6 +115,7 @@ def load_test_set(files: PromotionFiles) -> TestSet:
         [files.raw_dir / r["path"] for r in test],
         [r["label"] for r in test],
         test_fingerprint(rows),
+        rows,
     )
 
 
@@ -272,6 +292,7 @@ class Comparison:
     checks: list[GateCheck]
     mcnemar: dict
     bootstrap: dict
+    new_to_champion: int | None = None  # test images not in the champion's own test split
 
     @property
     def passed(self) -> bool:
@@ -296,6 +317,18 @@ class Comparison:
                 "result": "info",
             }
         )
+        if self.new_to_champion is not None:
+            rows.append(
+                {
+                    "metric": "test images new to champion",
+                    "champion": f"{self.new_to_champion} of {len(self.champion.labels)}",
+                    "challenger": "",
+                    "delta": "",
+                    "95% CI delta": "",
+                    "rule": "reported: never in the champion's own test split",
+                    "result": "info",
+                }
+            )
         return rows
 
     def audit_summary(self) -> dict:
@@ -307,6 +340,7 @@ class Comparison:
             "mcnemar_p": round(self.mcnemar["p_value"], 6),
             "values": {c.name: [_round(c.champion), _round(c.challenger)] for c in self.checks},
             "ci95_difference": {k: v["difference"] for k, v in self.bootstrap.items()},
+            "new_to_champion": self.new_to_champion,
         }
 
 
@@ -341,8 +375,16 @@ def _row(check: GateCheck, ci: dict | None) -> dict[str, str]:
     }
 
 
-def compare(champion: Scores, challenger: Scores, gate: PromotionGateConfig) -> Comparison:
-    """Gate the challenger against the champion; both must have scored the same test set."""
+def compare(
+    champion: Scores,
+    challenger: Scores,
+    gate: PromotionGateConfig,
+    new_to_champion: int | None = None,
+) -> Comparison:
+    """Gate the challenger against the champion; both must have scored the same test set.
+
+    ``new_to_champion`` (how many test images the champion was never scored on) is reported.
+    """
     if champion.classes != challenger.classes:
         raise PromotionError(
             f"v{champion.version} and v{challenger.version} predict different "
@@ -356,7 +398,74 @@ def compare(champion: Scores, challenger: Scores, gate: PromotionGateConfig) -> 
             champion.predictions == champion.labels, challenger.predictions == challenger.labels
         ),
         paired_bootstrap(champion, challenger, gate.bootstrap) if gate.bootstrap else {},
+        new_to_champion,
     )
+
+
+# --- is the comparison fair? ---------------------------------------------------------------
+
+
+def split_conflicts(
+    version: str,
+    manifest: list[dict] | None,
+    tags: dict[str, str],
+    current_rows: list[dict],
+    current_split: dict[str, str],
+) -> list[str]:
+    """Why scoring ``version`` on the workspace's test split would not be fair; [] if it is.
+
+    Args:
+        version: the version's number, for the messages.
+        manifest: the rows the version was trained on (its ``data/manifest.csv``), or None.
+        tags: the version's tags (``split_*`` as ``registry.split_tags`` writes them).
+        current_rows: the workspace's manifest rows.
+        current_split: ``registry.split_tags`` of the workspace's split settings.
+    """
+    if manifest is None:
+        return [f"v{version} has no recorded split (registered before split records)"]
+    conflicts = [
+        f"v{version} was split with {key}={tags.get(key, 'unrecorded')}, the workspace with "
+        f"{key}={current_split[key]}"
+        for key in SPLIT_TAGS
+        if tags.get(key) != current_split[key]
+    ]
+    key = content_column(manifest, current_rows)
+    theirs = {row[key]: row for row in manifest}
+    test = [row for row in current_rows if row["split"] == "test"]
+    learned = [r for r in test if theirs.get(r[key], {}).get("split") in TRAINING_SPLITS]
+    if learned:
+        conflicts.append(
+            f"{len(learned)} current test image(s) were in v{version}'s train/val split "
+            f"(e.g. {learned[0]['path']})"
+        )
+    relabelled = [
+        r for r in current_rows if r[key] in theirs and theirs[r[key]]["label"] != r["label"]
+    ]
+    if relabelled:
+        first = relabelled[0]
+        conflicts.append(
+            f"{len(relabelled)} image(s) have another label than in v{version}'s data (e.g. "
+            f"{first['path']}: {theirs[first[key]]['label']} -> {first['label']})"
+        )
+    return conflicts
+
+
+def class_conflict(champion: tuple[str, dict], challenger: tuple[str, dict]) -> list[str]:
+    """A conflict when the two (version, tags) record different class lists; [] otherwise."""
+    (old, old_tags), (new, new_tags) = champion, challenger
+    old_classes, new_classes = old_tags.get("classes"), new_tags.get("classes")
+    if old_classes and new_classes and json.loads(old_classes) != json.loads(new_classes):
+        return [f"v{old} predicts {old_classes}, v{new} predicts {new_classes}"]
+    return []
+
+
+def new_test_images(manifest: list[dict] | None, current_rows: list[dict]) -> int | None:
+    """How many of the workspace's test images are not in ``manifest``'s test split."""
+    if manifest is None:
+        return None
+    key = content_column(manifest, current_rows)
+    seen = {row[key] for row in manifest if row["split"] == "test"}
+    return sum(1 for row in current_rows if row["split"] == "test" and row[key] not in seen)
 
 
 # --- the lock and the audit history --------------------------------------------------------
@@ -542,27 +651,55 @@ class PromotionOutcome:
         return "\n".join(lines)
 
 
-def _fingerprint_problem(
-    mlflow_client, name: str, champion: str, challenger: str, test_set: TestSet
-) -> str | None:
-    """Why the two versions (and the workspace) are not on the same test split, or None."""
-    prints = {
-        v: mlflow_client.get_model_version(name, v).tags.get(FINGERPRINT_TAG)
-        for v in (champion, challenger)
-    }
-    if prints[champion] != prints[challenger]:
-        return (
-            f"test-split fingerprints differ: champion v{champion} "
-            f"{(prints[champion] or 'untagged')[:12]} vs challenger v{challenger} "
-            f"{(prints[challenger] or 'untagged')[:12]}; they were evaluated on different "
-            "test sets, so the comparison would not be like with like"
+@dataclass(frozen=True)
+class SplitReview:
+    """Whether champion and challenger can be compared fairly on the workspace's test split."""
+
+    conflicts: list[str]
+    new_to_champion: int | None
+
+
+def _recorded_split(mlflow_client, name: str, version: str) -> tuple[dict, list[dict] | None]:
+    """A version's tags and the manifest it was trained on (None if it recorded none)."""
+    from headswap.registry import version_manifest, with_retries
+
+    tags = with_retries(
+        lambda: mlflow_client.get_model_version(name, version).tags, "reading the version"
+    )
+    manifest = with_retries(
+        lambda: version_manifest(mlflow_client, name, version), "reading its data/manifest.csv"
+    )
+    return dict(tags), manifest
+
+
+def review_split(
+    mlflow_client, name: str, champion: str, challenger: str, test_set: TestSet, split: SplitConfig
+) -> SplitReview:
+    """Check both versions' recorded splits against the workspace's test split."""
+    current = split_tags(split)
+    recorded = {v: _recorded_split(mlflow_client, name, v) for v in (champion, challenger)}
+    conflicts = [
+        conflict
+        for version, (tags, manifest) in recorded.items()
+        for conflict in split_conflicts(version, manifest, tags, test_set.rows, current)
+    ]
+    conflicts += class_conflict(
+        (champion, recorded[champion][0]), (challenger, recorded[challenger][0])
+    )
+    return SplitReview(conflicts, new_test_images(recorded[champion][1], test_set.rows))
+
+
+def _require_reason(force: bool, allow_split_conflict: bool, reason: str) -> None:
+    flags = [
+        name
+        for name, on in (("--force", force), ("--allow-split-conflict", allow_split_conflict))
+        if on
+    ]
+    if flags and not reason.strip():
+        raise PromotionError(
+            f"{' and '.join(flags)}: also pass --reason TEXT saying why; every override is "
+            "recorded in the audit history"
         )
-    if prints[challenger] != test_set.fingerprint:
-        return (
-            f"the workspace test split ({test_set.fingerprint[:12]}) is not the one both "
-            f"versions were evaluated on ({(prints[challenger] or 'untagged')[:12]})"
-        )
-    return None
 
 
 def promote_version(
@@ -571,12 +708,26 @@ def promote_version(
     version: int | None = None,
     force: bool = False,
     reason: str = "",
+    *,
+    split: SplitConfig,
+    allow_split_conflict: bool = False,
 ) -> PromotionOutcome:
     """Gate ``version`` (default: the challenger) against the champion; move the alias if it passes.
 
+    Args:
+        registry: the model and the gate's tolerances.
+        files: the workspace manifest and images both versions are scored on.
+        version: the version to promote; default the one with the ``challenger`` alias.
+        force: promote even if gate rules fail (needs ``reason``; audited as an override).
+        reason: why, for the audit history.
+        split: the workspace's split settings (``data.split``), checked against each version's.
+        allow_split_conflict: compare even though the test split is not fair to a version
+            (needs ``reason``; audited as an override).
+
     Raises:
-        PromotionError: nothing to promote, or the lock stayed busy.
+        PromotionError: nothing to promote, an override without a reason, or the lock stayed busy.
     """
+    _require_reason(force, allow_split_conflict, reason)
     mlflow_client, name = client(), registry.model_name
     test_set = load_test_set(files)
     with promotion_lock(mlflow_client, registry):
@@ -603,8 +754,12 @@ def promote_version(
                 ),
             )
             return PromotionOutcome(True, f"v{challenger} is champion (there was none)", entry)
+        review = review_split(mlflow_client, name, champion, challenger, test_set, split)
+        if review.conflicts and not allow_split_conflict:
+            return _refuse_split(mlflow_client, name, champion, challenger, reason, review)
+        overrides = Overrides(force, review.conflicts)
         return _gate_and_move(
-            mlflow_client, registry, champion, challenger, test_set, force, reason
+            mlflow_client, registry, champion, challenger, test_set, overrides, reason, review
         )
 
 
@@ -615,56 +770,100 @@ def _require_version(mlflow_client, name: str, version: str) -> None:
         raise PromotionError(f"{name} has no version {version}") from None
 
 
+def _refuse_split(
+    mlflow_client, name: str, champion: str, challenger: str, reason: str, review: SplitReview
+) -> PromotionOutcome:
+    problem = "; ".join(review.conflicts)
+    entry = append_audit(
+        mlflow_client,
+        name,
+        _entry(
+            "promote",
+            REFUSED,
+            champion,
+            challenger,
+            reason,
+            refusal=f"split conflict: {problem}"[:1000],
+            forced=False,
+        ),
+    )
+    return PromotionOutcome(
+        False,
+        f"refused: split conflict: {problem}. Pass --allow-split-conflict --reason TEXT to "
+        "compare anyway (the override is recorded).",
+        entry,
+    )
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a person allowed: a failing gate (``force``) and the split conflicts found."""
+
+    force: bool
+    split_conflicts: list[str]
+
+    def taken(self, gate_passed: bool) -> list[str]:
+        """The rules the decision overrides: ``split`` and/or ``gate``."""
+        return (["split"] if self.split_conflicts else []) + (
+            ["gate"] if self.force and not gate_passed else []
+        )
+
+
 def _gate_and_move(
     mlflow_client,
     registry: RegistryConfig,
     champion: str,
     challenger: str,
     test_set: TestSet,
-    force: bool,
+    overrides: Overrides,
     reason: str,
+    review: SplitReview,
 ) -> PromotionOutcome:
     name = registry.model_name
-    problem = _fingerprint_problem(mlflow_client, name, champion, challenger, test_set)
-    if problem and not force:
-        entry = append_audit(
-            mlflow_client,
-            name,
-            _entry("promote", REFUSED, champion, challenger, reason, refusal=problem, forced=False),
-        )
-        return PromotionOutcome(
-            False,
-            f"refused: {problem}. Pass --force to compare anyway (the override is recorded).",
-            entry,
-        )
     comparison = compare(
         score_version(name, champion, test_set),
         score_version(name, challenger, test_set),
         registry.gate,
+        review.new_to_champion,
     )
-    outcome = PROMOTED if comparison.passed else REFUSED
+    taken = overrides.taken(comparison.passed)
+    promoted = comparison.passed or overrides.force
     record = _entry(
         "promote",
-        outcome,
+        PROMOTED if promoted else REFUSED,
         champion,
         challenger,
         reason,
-        forced=bool(force and problem),
-        override=problem if force else None,
+        forced=bool(taken),
+        override="+".join(taken) or None,
+        failed_rules=comparison.failed,
+        split_conflicts=[c[:300] for c in overrides.split_conflicts[:5]],
         gate=comparison.audit_summary(),
         test_fingerprint=test_set.fingerprint,
     )
-    if comparison.passed:
+    if promoted:
         entry = _move_and_record(mlflow_client, name, champion, challenger, record)
     else:
         entry = append_audit(mlflow_client, name, record)
-    message = (
-        f"v{challenger} promoted to champion (was v{champion})"
-        if comparison.passed
-        else f"refused: v{challenger} is worse than champion v{champion} on "
-        f"{', '.join(comparison.failed)}"
+    return PromotionOutcome(
+        promoted, _decision(champion, challenger, comparison, taken), entry, comparison
     )
-    return PromotionOutcome(comparison.passed, message, entry, comparison)
+
+
+def _decision(champion: str, challenger: str, comparison: Comparison, taken: list[str]) -> str:
+    failed = ", ".join(comparison.failed)
+    override = f" (override: {'+'.join(taken)})" if taken else ""
+    if comparison.passed:
+        return f"v{challenger} promoted to champion (was v{champion}){override}"
+    if "gate" in taken:
+        return (
+            f"v{challenger} promoted to champion (was v{champion}) by override although it is "
+            f"worse on {failed}{override}"
+        )
+    return (
+        f"refused: v{challenger} is worse than champion v{champion} on {failed}; "
+        "--force --reason TEXT promotes it anyway (the override is recorded)"
+    )
 
 
 def champion_stack(history: list[dict], current: str | None) -> list[str]:

@@ -3,6 +3,12 @@
 Aliases, never stages: ``challenger`` marks every registered version that passed its gates
 (export parity), ``champion`` moves only through the promotion gate, except that the very first
 version of a model becomes champion so that ``models:/<name>@champion`` always resolves.
+
+DVC runs this stage on every ``dvc repro`` (the registry lives outside the repository), so it
+registers only when ``models/registry.json`` does not already describe this exact model, data
+and tracking store. Every version carries its lineage (ONNX and data hashes, the split rule and
+settings, the class list) and its manifest as the run artifact ``data/manifest.csv``: that is what
+lets a later promotion check that a comparison on today's test split is fair.
 """
 
 from __future__ import annotations
@@ -12,26 +18,35 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from headswap.config import Params, RegistryConfig, flatten_params
+from headswap.config import Params, RegistryConfig, SplitConfig, flatten_params
 from headswap.errors import RegistryError
 from headswap.io import atomic_write_text
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 RETRY_DELAYS_S = (1, 2, 4, 8)
+MANIFEST_ARTIFACT = "data/manifest.csv"
+CHANGES_ARTIFACT = "data/changes.json"
+VALIDATION_ARTIFACT = "data/validation.json"
+SPLIT_TAGS = ("split_rule", "split_seed", "split_test_size", "split_val_size")
+RAW_DATA = "data/raw"
 
 
 @dataclass(frozen=True)
 class StageFiles:
     """The pipeline files the register stage reads, relative to the project root."""
 
-    raw_dvc: Path = Path("data/raw.dvc")
+    dvc_lock: Path = Path("dvc.lock")
+    raw_dvc: Path = Path("data/raw.dvc")  # before the ingest stage: data/raw was `dvc add`-ed
     manifest: Path = Path("data/prepared/manifest.csv")
     validation: Path = Path("data/prepared/validation.json")
     features_info: Path = Path("data/features/features_info.json")
@@ -45,6 +60,15 @@ class StageFiles:
 
 @dataclass(frozen=True)
 class Registration:
+    """What ``models/registry.json`` records about the version a register run stands for.
+
+    Attributes:
+        registered_at: UTC time the version was registered (ISO 8601).
+        data_changes: what changed in the data since the champion's (``changes_since``).
+        reused: True when registry.json already described this model in this store and nothing
+            was registered; not written to the file.
+    """
+
     model_name: str
     version: str
     run_id: str
@@ -52,6 +76,22 @@ class Registration:
     tracking_uri: str
     aliases: list[str]
     model_uri: str
+    registered_at: str = ""
+    onnx_sha256: str = ""
+    data_md5: str = ""
+    data_changes: dict = field(default_factory=dict)
+    reused: bool = False
+
+    def to_json(self) -> str:
+        record = asdict(self)
+        del record["reused"]
+        return json.dumps(record, indent=2)
+
+    @classmethod
+    def from_record(cls, record: dict, reused: bool = False) -> Registration:
+        """From a registry.json written by this or an earlier version (missing keys default)."""
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "reused": reused})
 
 
 def tracking_uri(project_root: Path = Path(".")) -> str:
@@ -76,9 +116,95 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def test_fingerprint(manifest_rows: list[dict]) -> str:
-    """Hash of the sorted test-image sha256s: two models are comparable only if these match."""
+    """Hash of the sorted test-image sha256s (informational: the gate checks splits, not this)."""
     hashes = sorted(row["sha256"] for row in manifest_rows if row["split"] == "test")
     return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def data_md5(files: StageFiles) -> str:
+    """The DVC md5 of data/raw: the ingest stage's output in dvc.lock, else data/raw.dvc.
+
+    Returns ``"untracked"`` when neither records it (a workspace run without DVC).
+    """
+    if files.dvc_lock.is_file():
+        lock = yaml.safe_load(files.dvc_lock.read_text()) or {}
+        outs = (lock.get("stages") or {}).get("ingest", {}).get("outs") or []
+        for out in outs:
+            if out.get("path") == RAW_DATA and out.get("md5"):
+                return str(out["md5"])
+    if files.raw_dvc.is_file():
+        raw = yaml.safe_load(files.raw_dvc.read_text()) or {}
+        return str((raw.get("outs") or [{}])[0].get("md5", "untracked"))
+    return "untracked"
+
+
+def split_tags(split: SplitConfig) -> dict[str, str]:
+    """The tags that say how a version's images were split; equal tags mean equal splits."""
+    from headswap.data import SPLIT_RULE
+
+    return {
+        "split_rule": SPLIT_RULE,
+        "split_seed": str(split.seed),
+        "split_test_size": str(float(split.test_size)),
+        "split_val_size": str(float(split.val_size)),
+    }
+
+
+def content_column(*manifests: list[dict]) -> str:
+    """The manifest column that identifies an image's content in every one of ``manifests``.
+
+    ``pixels_sha256`` (decoded pixels: a re-encoded copy is the same image) when all rows have
+    it, else ``sha256`` (file bytes), so manifests written before the column still compare.
+    """
+    rows = [row for manifest in manifests for row in manifest]
+    return "pixels_sha256" if rows and all(row.get("pixels_sha256") for row in rows) else "sha256"
+
+
+def manifest_changes(old_rows: list[dict], new_rows: list[dict]) -> dict:
+    """Per class, the images added, removed and changed from ``old_rows`` to ``new_rows``.
+
+    Rows are keyed by path. ``changed`` counts a path whose content or label differs, and an
+    image that moved to another class folder (same content under a new path and label), under
+    its new class; an image merely renamed within its class counts as nothing.
+
+    Returns:
+        ``{"per_class": {class: {"added", "removed", "changed"}}, "total": {...}}``.
+    """
+    key = content_column(old_rows, new_rows)
+    old = {row["path"]: row for row in old_rows}
+    new = {row["path"]: row for row in new_rows}
+    added = [new[path] for path in sorted(new.keys() - old.keys())]
+    removed = [old[path] for path in sorted(old.keys() - new.keys())]
+    gone = {row[key]: row for row in removed}
+    moved = {row[key] for row in added} & gone.keys()
+    counts = {label: {"added": 0, "removed": 0, "changed": 0} for label in _labels(new_rows)}
+    for label in _labels(old_rows):
+        counts.setdefault(label, {"added": 0, "removed": 0, "changed": 0})
+    for path in sorted(new.keys() & old.keys()):
+        if (new[path][key], new[path]["label"]) != (old[path][key], old[path]["label"]):
+            counts[new[path]["label"]]["changed"] += 1
+    for row in added:
+        if row[key] not in moved:
+            counts[row["label"]]["added"] += 1
+        elif gone[row[key]]["label"] != row["label"]:
+            counts[row["label"]]["changed"] += 1
+    for row in removed:
+        if row[key] not in moved:
+            counts[row["label"]]["removed"] += 1
+    total = {
+        kind: sum(c[kind] for c in counts.values()) for kind in ("added", "removed", "changed")
+    }
+    return {"per_class": counts, "total": total}
+
+
+def _labels(rows: list[dict]) -> list[str]:
+    return sorted({row["label"] for row in rows})
 
 
 def _git(*args: str) -> str:
@@ -90,12 +216,16 @@ def _git(*args: str) -> str:
         return ""
 
 
-def lineage(files: StageFiles, manifest_rows: list[dict]) -> dict[str, str]:
-    """Tags that let anyone trace a model version back to its data, code and features."""
-    raw = yaml.safe_load(files.raw_dvc.read_text()) if files.raw_dvc.is_file() else {}
+def lineage(
+    files: StageFiles, manifest_rows: list[dict], split: SplitConfig, classes: list[str]
+) -> dict[str, str]:
+    """Tags that let anyone trace a model version back to its data, split, code and features."""
     features = json.loads(files.features_info.read_text())
     return {
-        "data_md5": str((raw.get("outs") or [{}])[0].get("md5", "untracked")),
+        "onnx_sha256": file_sha256(files.model),
+        "data_md5": data_md5(files),
+        **split_tags(split),
+        "classes": json.dumps(classes),
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "backbone": features["identity"]["backbone"],
@@ -186,7 +316,9 @@ def _ensure_experiment(client, name: str, root: Path) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _log_run_contents(params: Params, files: StageFiles, metrics: dict, validation: dict) -> None:
+def _log_run_contents(
+    params: Params, files: StageFiles, metrics: dict, validation: dict, changes: dict
+) -> None:
     import mlflow
 
     mlflow.log_params(flatten_params(params))
@@ -195,6 +327,10 @@ def _log_run_contents(params: Params, files: StageFiles, metrics: dict, validati
         flatten_metrics({k: v for k, v in metrics.items() if k != "confusion_matrix"})
     )
     mlflow.log_dict(validation["counts"], "data/manifest_summary.json")
+    # Which images this version trained, validated and tested on: a later promotion reads it to
+    # check that the test images it compares on were never in this version's training data.
+    mlflow.log_text(files.manifest.read_text(), MANIFEST_ARTIFACT)
+    mlflow.log_dict(changes, CHANGES_ARTIFACT)
     for path in (files.metrics, files.parity, files.validation, files.features_info):
         mlflow.log_artifact(str(path), "reports" if path.parent.name == "reports" else "data")
     if files.plots.is_dir():
@@ -204,7 +340,11 @@ def _log_run_contents(params: Params, files: StageFiles, metrics: dict, validati
 
 
 def log_onnx_model(
-    experiment_id: str, name: str, model_path: Path, tags: dict[str, str], log_contents=None
+    experiment_id: str,
+    name: str,
+    model_path: Path,
+    tags: dict[str, str],
+    log_contents: Callable[[], None] | None = None,
 ) -> tuple[str, str]:
     """One MLflow run holding the ONNX model (registered as ``name``); returns (run id, version).
 
@@ -235,11 +375,132 @@ def log_onnx_model(
     return run.info.run_id, str(version)
 
 
+# --- reading what the store holds ----------------------------------------------------------
+
+
+def _is_missing(error: Exception) -> bool:
+    text = str(error).lower()
+    return getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or (
+        "not found" in text or "does not exist" in text
+    )
+
+
+def find_version(client, name: str, version: str):
+    """The store's ``name`` version ``version``, or None when it has no such model or version."""
+    if not str(version).isdigit():
+        return None
+    try:
+        return client.get_model_version(name, str(version))
+    except Exception as error:  # noqa: BLE001 - RestException / MlflowException
+        if _is_missing(error):
+            return None
+        raise
+
+
+def run_artifact_text(client, run_id: str, artifact: str) -> str | None:
+    """The text of a run's artifact, or None when the run has no such artifact."""
+    folder = str(Path(artifact).parent)
+    if artifact not in {item.path for item in client.list_artifacts(run_id, folder)}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="headswap-artifact-") as tmp:
+        return Path(client.download_artifacts(run_id, artifact, tmp)).read_text()
+
+
+def version_manifest(client, name: str, version: str) -> list[dict[str, str]] | None:
+    """The manifest version ``version`` was trained on, or None if it recorded none."""
+    import csv
+    import io
+
+    run_id = client.get_model_version(name, version).run_id
+    text = run_artifact_text(client, run_id, MANIFEST_ARTIFACT) if run_id else None
+    return None if text is None else list(csv.DictReader(io.StringIO(text)))
+
+
+def version_classes(client, version) -> list[str] | None:
+    """A version's classes in output order: its tag, else its run's validation report."""
+    if version.tags.get("classes"):
+        return json.loads(version.tags["classes"])
+    text = (
+        run_artifact_text(client, version.run_id, VALIDATION_ARTIFACT) if version.run_id else None
+    )
+    return None if text is None else json.loads(text).get("classes")
+
+
+def check_label_set(client, name: str, classes: list[str]) -> None:
+    """Refuse to add a version whose class list differs from the model's latest version.
+
+    Raises:
+        RegistryError: the model exists and its latest version predicts other classes.
+    """
+    versions = client.search_model_versions(f"name='{name}'")
+    latest = max(versions, key=lambda v: int(v.version), default=None)
+    registered = version_classes(client, latest) if latest is not None else None
+    if registered is not None and registered != classes:
+        raise RegistryError(
+            f"model {name} (latest v{latest.version}) predicts classes {registered}, but this "
+            f"run's data has classes {classes}; a model's versions must share one label set: "
+            "set registry.model_name to a new name for this data (or restore data.source)"
+        )
+
+
+def changes_since_champion(client, name: str, manifest_rows: list[dict]) -> dict:
+    """What changed in the data since the champion's (``manifest_changes``), for registry.json.
+
+    Returns:
+        ``since_version``, ``since_data_md5``, ``per_class``, ``total`` and ``note`` (why there
+        is nothing to compare with: no champion, or a champion that recorded no manifest).
+    """
+    nothing = {"since_version": None, "since_data_md5": None, "per_class": {}, "total": {}}
+    champion = alias_version(client, name, CHAMPION)
+    if champion is None:
+        return {**nothing, "note": f"{name} has no champion yet: nothing to compare with"}
+    since = {
+        "since_version": champion,
+        "since_data_md5": client.get_model_version(name, champion).tags.get("data_md5"),
+    }
+    old_rows = version_manifest(client, name, champion)
+    if old_rows is None:
+        note = f"champion v{champion} has no {MANIFEST_ARTIFACT} (registered before split records)"
+        return {**nothing, **since, "note": note}
+    return {**since, **manifest_changes(old_rows, manifest_rows), "note": None}
+
+
+def reusable_registration(
+    out_path: Path, client, name: str, uri: str, tags: dict[str, str]
+) -> Registration | None:
+    """The registration ``out_path`` records, if the store in use holds exactly it: the same
+    store, model, version and run, built from the same ONNX file and data. Else None."""
+    try:
+        recorded = json.loads(out_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if recorded.get("tracking_uri") != uri or recorded.get("model_name") != name:
+        return None
+    version = with_retries(
+        lambda: find_version(client, name, str(recorded.get("version"))),
+        "reading the registered version",
+    )
+    if version is None or version.run_id != recorded.get("run_id"):
+        return None
+    if any(version.tags.get(key) != tags[key] for key in ("onnx_sha256", "data_md5")):
+        return None
+    return Registration.from_record(recorded, reused=True)
+
+
+# --- the register stage --------------------------------------------------------------------
+
+
 def register_model(params: Params, files: StageFiles, out_path: Path) -> Registration:
     """Log the run, register the ONNX model, set aliases, tags and the model card.
 
-    Writes ``models/registry.json``. With ``registry.auto_promote`` the new version then goes
+    Writes ``models/registry.json``, unless it already describes this exact model and data in
+    the store in use: then nothing is registered, the file is left untouched and the returned
+    registration has ``reused`` set. With ``registry.auto_promote`` a new version then goes
     through the promotion gate against the current champion.
+
+    Raises:
+        RegistryError: parity failed, the class list differs from the registered model's, or
+            the store cannot be reached.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -250,10 +511,30 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     name = params.registry.model_name
+    validation = json.loads(files.validation.read_text())
+    rows = read_manifest(files.manifest)
+    tags = lineage(files, rows, params.data.split, validation["classes"])
+    reused = reusable_registration(out_path, client, name, uri, tags)
+    if reused is not None:
+        return reused
+    tags.update(gate_tags(files.parity, validation))
+    with_retries(
+        lambda: check_label_set(client, name, validation["classes"]), "checking the class list"
+    )
+    changes = with_retries(
+        lambda: changes_since_champion(client, name, rows), "comparing with the champion's data"
+    )
+    registration = _register_new_version(params, files, tags, changes, client)
+    atomic_write_text(out_path, registration.to_json())
+    return registration
+
+
+def _register_new_version(
+    params: Params, files: StageFiles, tags: dict[str, str], changes: dict, client
+) -> Registration:
+    name = params.registry.model_name
     metrics = json.loads(files.metrics.read_text())
     validation = json.loads(files.validation.read_text())
-    tags = {**lineage(files, read_manifest(files.manifest)), **gate_tags(files.parity, validation)}
-
     experiment_id = with_retries(
         lambda: _ensure_experiment(client, params.registry.experiment, Path(".")),
         "create experiment",
@@ -264,23 +545,33 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
             name,
             files.model,
             tags,
-            lambda: _log_run_contents(params, files, metrics, validation),
+            lambda: _log_run_contents(params, files, metrics, validation, changes),
         ),
         "logging the MLflow run",
     )
     aliases = finish_registration(client, params.registry, version)
     head = json.loads(files.head_meta.read_text())
     with_retries(
-        lambda: attach_model_card(client, name, version, run_id, tags, metrics, validation, head),
+        lambda: attach_model_card(
+            client, name, version, run_id, tags, metrics, validation, head, changes
+        ),
         "attaching the model card",
     )
     if params.registry.auto_promote and CHAMPION not in aliases:
         aliases += _auto_promote(params, version)
-    registration = Registration(
-        name, version, run_id, experiment_id, uri, aliases, f"models:/{name}/{version}"
+    return Registration(
+        name,
+        version,
+        run_id,
+        experiment_id,
+        tracking_uri(),
+        aliases,
+        f"models:/{name}/{version}",
+        registered_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        onnx_sha256=tags["onnx_sha256"],
+        data_md5=tags["data_md5"],
+        data_changes=changes,
     )
-    atomic_write_text(out_path, json.dumps(asdict(registration), indent=2))
-    return registration
 
 
 def finish_registration(client, registry: RegistryConfig, version: str) -> list[str]:
@@ -305,11 +596,12 @@ def attach_model_card(
     metrics: dict,
     validation: dict,
     head: dict,
+    changes: dict | None = None,
 ) -> str:
     """Log ``model_card.md`` to the run and set it as the version's description."""
     from headswap.modelcard import as_description, render_model_card
 
-    card = render_model_card(name, version, run_id, tags, metrics, validation, head)
+    card = render_model_card(name, version, run_id, tags, metrics, validation, head, changes)
     client.log_text(run_id, card, "model_card.md")
     client.update_model_version(name, version, description=as_description(card, "model_card.md"))
     return card
@@ -324,6 +616,7 @@ def _auto_promote(params: Params, version: str) -> list[str]:
         PromotionFiles(),
         version=int(version),
         reason="registry.auto_promote after register",
+        split=params.data.split,
     )
     print(f"auto_promote: {outcome.message}")
     return [CHAMPION] if outcome.promoted else []

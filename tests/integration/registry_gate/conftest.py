@@ -156,14 +156,24 @@ def write_images(raw: Path, per_class: int = 20, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_manifest(path: Path, rows: list[dict]) -> None:
+def manifest_text(rows: list[dict]) -> str:
+    """Manifest CSV text: the columns of the first row, in order."""
     import csv
+    import io
 
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "sha256", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
+    path.write_text(manifest_text(rows))
+
+
+NO_MANIFEST: list[dict] = []  # register(..., manifest=NO_MANIFEST): as before split records
 
 
 @dataclass
@@ -174,27 +184,62 @@ class TinyRegistry:
     rows: list[dict]
     registry: object  # RegistryConfig
     files: object  # PromotionFiles
+    split: object  # SplitConfig: the workspace's data.split
 
-    def register(self, slope: float, cut: float, fingerprint: str | None = None) -> str:
-        """Register a tiny model through the register stage's own functions; returns its version."""
+    def register(
+        self,
+        slope: float,
+        cut: float,
+        manifest: list[dict] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> str:
+        """Register a tiny model through the register stage's own functions; returns its version.
+
+        The version records ``manifest`` (default: the workspace's rows) as its run's
+        ``data/manifest.csv``, and the lineage tags the register stage writes (``tags``
+        override them).
+        """
+        import mlflow
+
         from headswap.promotion import client
         from headswap.registry import (
+            MANIFEST_ARTIFACT,
             _ensure_experiment,
             finish_registration,
             log_onnx_model,
+            split_tags,
             test_fingerprint,
+            tracking_uri,
         )
 
         mlflow_client = client()
         path = tiny_model(self.root / f"model-{uuid.uuid4().hex[:8]}.onnx", slope, cut)
-        tags = {
-            "test_fingerprint": fingerprint or test_fingerprint(self.rows),
+        rows = self.rows if manifest is None else manifest
+        lineage = {
+            "test_fingerprint": test_fingerprint(rows),
             "backbone": "tiny-brightness",
+            **split_tags(self.split),
+            "classes": json.dumps(TINY_CLASSES),
+            **(tags or {}),
         }
         experiment = _ensure_experiment(mlflow_client, "headswap-tests", self.root)
-        _, version = log_onnx_model(experiment, self.registry.model_name, path, tags)
+        mlflow.set_tracking_uri(tracking_uri())
+
+        def log_manifest() -> None:
+            if rows:
+                mlflow.log_text(manifest_text(rows), MANIFEST_ARTIFACT)
+
+        _, version = log_onnx_model(
+            experiment, self.registry.model_name, path, lineage, log_manifest
+        )
         finish_registration(mlflow_client, self.registry, version)
         return version
+
+    def promote(self, files=None, **options):
+        """``promote_version`` on this workspace (or on ``files``) with its split settings."""
+        from headswap.promotion import promote_version
+
+        return promote_version(self.registry, files or self.files, split=self.split, **options)
 
 
 GOOD = (20.0, 0.51)  # slope, cut: the cut sits between the two brightness ranges
@@ -218,7 +263,7 @@ def tiny_workspace(tmp_path_factory):
 @pytest.fixture
 def tiny_registry(tiny_workspace, request) -> TinyRegistry:
     """A fresh model name per test in the module's store (fast; no cross-test interference)."""
-    from headswap.config import RegistryConfig
+    from headswap.config import RegistryConfig, SplitConfig
     from headswap.promotion import PromotionFiles
 
     root, rows = tiny_workspace
@@ -226,4 +271,4 @@ def tiny_registry(tiny_workspace, request) -> TinyRegistry:
         f"tiny-{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
     )
     registry = RegistryConfig(model_name=name, lock_wait_s=60, gate={"bootstrap": 200})
-    return TinyRegistry(root, rows, registry, PromotionFiles())
+    return TinyRegistry(root, rows, registry, PromotionFiles(), SplitConfig())

@@ -47,11 +47,10 @@ def test_first_version_becomes_champion_and_is_audited(tiny_registry):
 
 
 def test_worse_challenger_is_refused_and_the_refusal_is_audited(tiny_registry):
-    from headswap.promotion import promote_version
 
     good = tiny_registry.register(*GOOD)
     worse = tiny_registry.register(*WORSE)
-    outcome = promote_version(tiny_registry.registry, tiny_registry.files, reason="try worse")
+    outcome = tiny_registry.promote(reason="try worse")
 
     assert not outcome.promoted
     assert champion(tiny_registry) == good
@@ -67,11 +66,11 @@ def test_worse_challenger_is_refused_and_the_refusal_is_audited(tiny_registry):
 
 
 def test_better_challenger_is_promoted_and_rollback_restores_the_old_champion(tiny_registry):
-    from headswap.promotion import promote_version, rollback
+    from headswap.promotion import rollback
 
     worse = tiny_registry.register(*INVERTED)
     better = tiny_registry.register(*GOOD)
-    outcome = promote_version(tiny_registry.registry, tiny_registry.files, reason="better")
+    outcome = tiny_registry.promote(reason="better")
     assert outcome.promoted and outcome.comparison.passed
     assert champion(tiny_registry) == better
     rows = {row["metric"]: row for row in outcome.comparison.table_rows()}
@@ -96,27 +95,9 @@ def test_rollback_without_a_previous_champion_is_an_error(tiny_registry):
         rollback(tiny_registry.registry)
 
 
-def test_different_test_fingerprints_refuse_unless_forced_and_force_is_recorded(tiny_registry):
-    from headswap.promotion import promote_version
-
-    good = tiny_registry.register(*GOOD)
-    other = tiny_registry.register(*GOOD, fingerprint="0" * 64)
-    refused = promote_version(tiny_registry.registry, tiny_registry.files)
-    assert not refused.promoted and refused.comparison is None
-    assert "fingerprints differ" in refused.message and champion(tiny_registry) == good
-
-    forced = promote_version(
-        tiny_registry.registry, tiny_registry.files, force=True, reason="same images, re-hashed"
-    )
-    assert forced.promoted and champion(tiny_registry) == other
-    last = audit(tiny_registry)[-1]
-    assert last["forced"] is True and "fingerprints differ" in last["override"]
-
-
 def test_two_concurrent_promotions_leave_one_consistent_champion(tiny_registry):
     """Two equally good challengers promoted at once: the lock serialises them, so the second
     compares against the first's result and the audit chain has no lost update."""
-    from headswap.promotion import promote_version
 
     tiny_registry.register(*INVERTED)
     first, second = tiny_registry.register(*GOOD), tiny_registry.register(*GOOD)
@@ -124,12 +105,7 @@ def test_two_concurrent_promotions_leave_one_consistent_champion(tiny_registry):
 
     def attempt(version: str) -> None:
         try:
-            results[version] = promote_version(
-                tiny_registry.registry,
-                tiny_registry.files,
-                version=int(version),
-                reason=f"race {version}",
-            )
+            results[version] = tiny_registry.promote(version=int(version), reason=f"race {version}")
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
@@ -155,8 +131,10 @@ def test_a_held_lock_makes_a_second_promotion_wait_then_refuse(tiny_registry):
     impatient = tiny_registry.registry.model_copy(update={"lock_wait_s": 1.0})
     held = promotion_lock(client(), tiny_registry.registry)
     with held, pytest.raises(PromotionLockedError, match="holds the lock"):
-        promote_version(impatient, tiny_registry.files)
-    assert promote_version(impatient, tiny_registry.files).promoted  # released afterwards
+        promote_version(impatient, tiny_registry.files, split=tiny_registry.split)
+    assert promote_version(
+        impatient, tiny_registry.files, split=tiny_registry.split
+    ).promoted  # released afterwards
 
 
 def test_a_stale_lock_from_a_dead_process_is_broken(tiny_registry):
@@ -168,7 +146,7 @@ def test_a_stale_lock_from_a_dead_process_is_broken(tiny_registry):
         f"{tiny_registry.registry.model_name}{LOCK_SUFFIX}", tags={"token": "dead", "acquired": "0"}
     )
     quick = tiny_registry.registry.model_copy(update={"lock_wait_s": 5.0, "lock_stale_s": 60.0})
-    assert promote_version(quick, tiny_registry.files).promoted
+    assert promote_version(quick, tiny_registry.files, split=tiny_registry.split).promoted
 
 
 def test_the_champion_loads_and_predicts_with_a_row_per_image(tiny_registry, tmp_path):
