@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from headswap.errors import HeadswapError
+from headswap.runlock import refuse_if_held
 
 app = typer.Typer(
     help="Keep the body, swap the head: frozen-backbone transfer learning as a pipeline.",
@@ -30,6 +31,24 @@ PREPARED = Path("data/prepared")
 FEATURES = Path("data/features/features.npz")
 MODELS = Path("models")
 REPORTS = Path("reports")
+
+
+# The dvc.yaml stages: a bare `dvc repro` runs them outside any driver's workspace lock.
+STAGE_COMMANDS = frozenset(
+    {"ingest", "prepare", "features", "train", "evaluate", "export", "register"}
+)
+
+
+@app.callback()
+def _guard_workspace(ctx: typer.Context) -> None:
+    """Refuse a pipeline stage while another run (make run, the UI, make repro) holds the
+    workspace, unless that run started this stage itself."""
+    if ctx.invoked_subcommand in STAGE_COMMANDS:
+        try:
+            refuse_if_held()
+        except HeadswapError as error:
+            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
 
 def friendly_errors(command):
@@ -55,14 +74,23 @@ def _params(path: Path):
 @app.command()
 @friendly_errors
 def ingest(params: ParamsOption = Path("params.yaml")) -> None:
-    """Copy data.source (ELPV or an ImageFolder) into data/raw, ready for `dvc add data/raw`."""
+    """Sync data.source (ELPV or an ImageFolder) into data/raw: added, removed and replaced
+    images are mirrored, unchanged ones are left alone (the `ingest` stage of dvc.yaml)."""
     from headswap.data import ingest as run_ingest
 
     result = run_ingest(_params(params).data, RAW_DIR)
-    console.print(
-        f"ingested {sum(result.class_counts.values())} files into {result.root}: "
-        f"{result.class_counts}"
-    )
+    total = sum(result.class_counts.values())
+    if not result.changed:
+        console.print(f"data/raw is up to date with data.source: {total} files, nothing changed")
+        return
+    console.print(f"synced data.source into {result.root}: {total} files", highlight=False)
+    for label, change in sorted(result.changes.items()):
+        console.print(
+            f"  {label}: +{change.added} added, -{change.removed} removed, "
+            f"~{change.replaced} replaced, {change.unchanged} unchanged",
+            highlight=False,
+            markup=False,
+        )
 
 
 @app.command()
@@ -73,6 +101,8 @@ def prepare(params: ParamsOption = Path("params.yaml")) -> None:
 
     result = run_prepare(_params(params).data, RAW_DIR, PREPARED)
     console.print(f"manifest: {result.manifest} {result.class_counts}")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if result.skipped:
         console.print(
             f"[yellow]skipped {result.skipped} unreadable file(s) (data.on_bad_image: "
@@ -323,13 +353,14 @@ def predict(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Batch-predict images with a registered ONNX model; one CSV row per image."""
-    from headswap.predict import champion_uri, predict_images
+    from headswap.predict import champion_uri, pin_alias, predict_images
 
-    uri = model or champion_uri(_params(params).registry)
+    uri, shown = pin_alias(model or champion_uri(_params(params).registry))
     result = predict_images(uri, inputs, out, batch_size=batch_size)
     console.print(
         f"wrote {result.out}: {result.rows} rows, {result.errors} unreadable; "
-        f"predicted {result.class_counts} with {uri}"
+        f"predicted {result.class_counts} with {shown}",
+        highlight=False,
     )
 
 
@@ -338,7 +369,7 @@ def predict(
 def repro(
     targets: Annotated[list[str] | None, typer.Argument(help="stages (default: all)")] = None,
 ) -> None:
-    """`dvc repro` that waits while another run holds the workspace lock, instead of failing."""
+    """`dvc repro` that waits while another run holds the workspace, instead of failing."""
     from headswap.workspace import repro as run_repro
 
     raise typer.Exit(run_repro(targets or []))
