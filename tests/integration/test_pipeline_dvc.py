@@ -111,4 +111,4 @@ def test_a_new_tracking_store_gets_the_model_registered_again(reproduced: Path, 
     after = json.loads((reproduced / "models/registry.json").read_text())
     assert after["tracking_uri"] == store and after["run_id"] != before["run_id"]
     versions = MlflowClient(store).search_model_versions("name='elpv-defects'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
