@@ -188,7 +188,7 @@ def format_markdown(summary: dict) -> str:
             ""
             if summary.get("registered_now", True)
             else "Registered by an earlier run: nothing changed since, so no new version.  ",
-            *[f"{label}: {text}  " for label, text in _data_facts(summary)],
+            *[f"{label.capitalize()}: {text}  " for label, text in _data_facts(summary)],
             f"Test images: {summary['n_test']}",
             "",
             "| metric | value | 95% CI |",

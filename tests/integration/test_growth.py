@@ -121,17 +121,20 @@ def test_dvc_repro_follows_a_new_data_source(grown, tmp_path):
     }
 
 
-def test_a_hand_run_dvc_repro_refuses_while_a_driver_holds_the_workspace(grown):
+def test_other_drivers_wait_and_a_hand_run_dvc_repro_refuses(grown):
     from headswap.runlock import workspace_lock
 
     workspace, source = grown
     add_images(source, 40, 1)
     with workspace_lock("make run (test)", workspace / ".headswap/run.lock"):
         refused = run(["dvc", "repro"], workspace, check=False)
-        waited = run(["headswap", "repro"], workspace, {"HEADSWAP_LOCK_WAIT_S": "1"}, check=False)
+        wait_briefly = {"HEADSWAP_LOCK_WAIT_S": "1"}
+        waited = run(["headswap", "repro"], workspace, wait_briefly, check=False)
+        flow = run(["python", "-m", "flows.pipeline"], workspace, wait_briefly, check=False)
     assert refused.returncode != 0
     assert "in use by make run (test)" in refused.stdout + refused.stderr
     assert waited.returncode != 0 and "make run (test)" in waited.stderr
+    assert flow.returncode != 0 and "in use by make run (test)" in flow.stderr
     # Nothing was half-done: the next run picks the new images up.
     run(["headswap", "repro"], workspace)
     assert "functional/functional_40.png" in manifest_splits(workspace)

@@ -58,3 +58,41 @@ def test_markdown_links_mlflow_run_model_version_and_experiment(tmp_path, monkey
 def test_lineage_links_skip_what_is_unknown():
     links = summary.lineage_links({"dvc_experiment": "train-1", "prefect_flow_run_url": ""})
     assert links == {"headswap.dvc_experiment": "train-1"}
+
+
+def test_summary_says_what_changed_since_the_champion_and_what_was_embedded(tmp_path):
+    changes = {
+        "since_version": "3",
+        "since_data_md5": "abc.dir",
+        "per_class": {
+            "defective": {"added": 5, "removed": 0, "changed": 1},
+            "functional": {"added": 7, "removed": 2, "changed": 0},
+            "other": {"added": 0, "removed": 0, "changed": 0},
+        },
+        "total": {"added": 12, "removed": 2, "changed": 1},
+        "note": None,
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(METRICS))
+    (tmp_path / "registry.json").write_text(json.dumps({**REGISTRY, "data_changes": changes}))
+    (tmp_path / "features_info.json").write_text(json.dumps({"embedded": 12, "cache_hits": 30}))
+    result = summary.run_summary(
+        tmp_path / "metrics.json", tmp_path / "registry.json", tmp_path / "features_info.json"
+    )
+    text = summary.format_summary(result)
+    assert (
+        "data            +12 / -2 / ~1 images (defective +5 ~1, functional +7 -2) "
+        "since champion v3's data"
+    ) in text
+    assert "features        12 image(s) embedded, 30 from the cache" in text
+    assert "Data: +12 / -2 / ~1 images" in summary.format_markdown(result)
+
+
+def test_a_first_run_says_why_there_is_nothing_to_compare(tmp_path, monkeypatch):
+    note = "no champion yet: this is the first version"
+    (tmp_path / "metrics.json").write_text(json.dumps(METRICS))
+    registry = {**REGISTRY, "data_changes": {"since_version": None, "note": note}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    monkeypatch.chdir(tmp_path)  # no data/features/features_info.json here
+    result = summary.run_summary(tmp_path / "metrics.json", tmp_path / "registry.json")
+    assert f"data            {note}" in summary.format_summary(result)
+    assert "features " not in summary.format_summary(result)
