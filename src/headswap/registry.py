@@ -30,7 +30,7 @@ import yaml
 
 from headswap.config import Params, RegistryConfig, SplitConfig, flatten_params
 from headswap.errors import RegistryError
-from headswap.io import atomic_write_text
+from headswap.io import atomic_write_text, output_files
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 RETRY_DELAYS_S = (1, 2, 4, 8)
@@ -334,7 +334,9 @@ def _log_run_contents(
     for path in (files.metrics, files.parity, files.validation, files.features_info):
         mlflow.log_artifact(str(path), "reports" if path.parent.name == "reports" else "data")
     if files.plots.is_dir():
-        mlflow.log_artifacts(str(files.plots), "plots")
+        # File by file, not the folder: a killed run's temp files are never uploaded.
+        for plot in output_files(files.plots):
+            mlflow.log_artifact(str(plot), "plots")
     mlflow.log_artifact(str(files.head_weights), "head")
     mlflow.log_artifact(str(files.head_meta), "head")
 
