@@ -430,12 +430,31 @@ def check_params(params: ParamsOption = Path("params.yaml")) -> None:
 def ui(
     prefect_port: Annotated[int, typer.Option(help="Prefect server/UI port")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
-    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="interface to bind; anything but loopback needs --auth")
+    ] = "127.0.0.1",
+    auth: Annotated[
+        bool,
+        typer.Option(
+            "--auth",
+            help="basic auth on both servers; the user and password are generated once into "
+            ".headswap/auth/credentials.json (mode 0600)",
+        ),
+    ] = False,
+    attach: Annotated[
+        bool,
+        typer.Option(
+            "--attach",
+            help="serve the deployments to a server already on the port that this command did "
+            "not start (it may be another user's)",
+        ),
+    ] = False,
 ) -> None:
     """Prefect UI + MLflow UI + the train/promote/predict deployments; Ctrl-C stops them."""
     from headswap.ui import UiConfig, run_ui
 
-    raise typer.Exit(run_ui(UiConfig(host, prefect_port, mlflow_port)))
+    config = UiConfig(host, prefect_port, mlflow_port, auth=auth, attach=attach)
+    raise typer.Exit(run_ui(config))
 
 
 @app.command()

@@ -1,7 +1,9 @@
-"""`headswap ui`'s process handling with real processes: start, health, reuse, stop the group."""
+"""`headswap ui`'s process handling with real processes: start, health, reuse only what it
+started, stop the group."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -57,19 +59,69 @@ def test_stop_ends_the_whole_process_group(tmp_path):
     assert (tmp_path / ".headswap/ui/web.log").is_file()
 
 
-def test_a_healthy_server_already_there_is_reused_and_left_running(tmp_path):
+def test_a_server_that_headswap_ui_started_here_is_reused_and_left_running(tmp_path):
+    port = free_port()
+    config = UiConfig(root=tmp_path)
+    first = _web_server(port, "prefect-server")
+    try:
+        assert _start_unless_running(first, first.health_url, port, config) is True
+        record = json.loads((tmp_path / ".headswap/ui/prefect-server.json").read_text())
+        assert record["pid"] == first.process.pid and record["port"] == port
+        # A later `headswap ui` in the same workspace (the first one was killed, say).
+        again = _web_server(port, "prefect-server")
+        assert _start_unless_running(again, again.health_url, port, config) is False
+        assert again.process is None
+        assert healthy(first.health_url)
+    finally:
+        stop(first, timeout_s=10)
+
+
+def test_a_healthy_server_it_did_not_start_is_refused_unless_attach(tmp_path):
     port = free_port()
     theirs = _web_server(port, "theirs")
     start(theirs, cwd=tmp_path)
     try:
         wait_until_healthy(theirs, timeout_s=60)
-        ours = _web_server(port, "ours")
-        assert _start_unless_running(ours, ours.health_url, port, UiConfig(root=tmp_path)) is False
+        ours = _web_server(port, "prefect-server")
+        with pytest.raises(UiError, match=f"port {port} .* did not start .* pass --attach"):
+            _start_unless_running(ours, ours.health_url, port, UiConfig(root=tmp_path))
+        attach = UiConfig(root=tmp_path, attach=True)
+        assert _start_unless_running(ours, ours.health_url, port, attach) is False
         assert ours.process is None
-        stop(ours)
         assert healthy(theirs.health_url)
     finally:
         stop(theirs, timeout_s=10)
+
+
+def test_a_record_is_trusted_only_if_its_live_process_carries_the_token(tmp_path):
+    """A record naming a process that lacks its token (a forged record, a reused pid) or a
+    process that is gone does not make a foreign server ours."""
+    port = free_port()
+    theirs = _web_server(port, "theirs")
+    start(theirs, cwd=tmp_path)
+    record = tmp_path / ".headswap/ui/prefect-server.json"
+    try:
+        wait_until_healthy(theirs, timeout_s=60)
+        ours = _web_server(port, "prefect-server")
+        for pid in (theirs.process.pid, 2**22 + 1):  # alive without the token; no such process
+            fields = {"pid": pid, "host": "127.0.0.1", "port": port}
+            record.write_text(json.dumps({**fields, "token": "forged", "auth": None}))
+            with pytest.raises(UiError, match="did not start"):
+                _start_unless_running(ours, ours.health_url, port, UiConfig(root=tmp_path))
+    finally:
+        stop(theirs, timeout_s=10)
+
+
+def test_a_server_started_with_other_credentials_is_not_reused(tmp_path):
+    port = free_port()
+    first = _web_server(port, "prefect-server")
+    try:
+        _start_unless_running(first, first.health_url, port, UiConfig(root=tmp_path), "key-a")
+        again = _web_server(port, "prefect-server")
+        with pytest.raises(UiError, match="another --auth setting or password"):
+            _start_unless_running(again, again.health_url, port, UiConfig(root=tmp_path), None)
+    finally:
+        stop(first, timeout_s=10)
 
 
 def test_a_port_taken_by_something_else_is_an_error(tmp_path):
