@@ -348,17 +348,35 @@ def predict(
             "or a .onnx file (default: the champion)"
         ),
     ] = None,
-    out: Annotated[Path, typer.Option(help="CSV to write (atomically)")] = Path("predictions.csv"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV to write (rows as they are scored, renamed into place at the end); "
+            "default predictions.csv under predict.out_dir in params.yaml. An --out you give "
+            "may be any file you can write"
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Batch-predict images with a registered ONNX model; one CSV row per image."""
-    from headswap.predict import champion_uri, pin_alias, predict_images
+    from headswap.predict import (
+        DEFAULT_OUT_NAME,
+        champion_uri,
+        pin_alias,
+        predict_images,
+        printable,
+        served_output,
+    )
 
-    uri, shown = pin_alias(model or champion_uri(_params(params).registry))
-    result = predict_images(uri, inputs, out, batch_size=batch_size)
+    # The command line is the user's own: the files it names are read as given, and an explicit
+    # --out is written where it says. Only the default output is kept under predict.out_dir.
+    config = _params(params) if model is None or out is None else None
+    target = out if out is not None else served_output(DEFAULT_OUT_NAME, config.predict)
+    uri, shown = pin_alias(model or champion_uri(config.registry))
+    result = predict_images(uri, inputs, target, batch_size=batch_size)
     console.print(
-        f"wrote {result.out}: {result.rows} rows, {result.errors} unreadable; "
+        f"wrote {printable(str(result.out))}: {result.rows} rows, {result.errors} unreadable; "
         f"predicted {result.class_counts} with {shown}",
         highlight=False,
     )

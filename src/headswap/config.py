@@ -167,6 +167,19 @@ class RegistryConfig(_Section):
     lock_stale_s: Annotated[float, Field(gt=0)] = 900.0
 
 
+class PredictConfig(_Section):
+    """Where the served ``predict`` flow may read images and write its CSV.
+
+    Relative paths are taken from the workspace (the folder the flow runs in, beside
+    params.yaml). The flow refuses a ``folder`` outside ``input_roots`` and an ``out`` outside
+    ``out_dir``, after resolving ``..`` and symlinks; ``headswap predict`` writes under
+    ``out_dir`` too unless ``--out`` names another file.
+    """
+
+    out_dir: Annotated[str, Field(min_length=1)] = "predictions"
+    input_roots: list[Annotated[str, Field(min_length=1)]] = ["data"]
+
+
 class ScheduleConfig(_Section):
     """When the served `train` deployment (``make ui``) retrains on its own; off by default."""
 
@@ -192,6 +205,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     registry: RegistryConfig = RegistryConfig()
+    predict: PredictConfig = PredictConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
 

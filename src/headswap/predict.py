@@ -6,33 +6,60 @@ cannot be decoded gets a row with the reason and the run goes on. Images are dec
 ``headswap.imaging.load_model_input`` with the size and interpolation stored in the model's
 metadata, so the predictions equal the evaluate stage's.
 
+Trust. A registered model is checked against its version's ``onnx_sha256`` tag after download
+(a mismatch is refused), a ``@champion`` that no audited move explains is warned about, and a
+model whose metadata claims an input size outside 16..4096 px is refused. The served flow reads
+and writes only under ``params.yaml``'s ``predict`` roots (``served_paths``).
+
 What the CSV can and cannot carry: paths are written by the csv module (quoted, so a newline or a
-comma in a file name cannot forge rows or columns), a leading ``= + - @`` gets a ``'`` prefix so a
-spreadsheet does not run it as a formula, and the file is written to a temporary file beside
-``--out`` and renamed, so nothing is written anywhere else and a failed run leaves no half file.
+comma in a file name cannot forge rows or columns), bytes of a file name that are not UTF-8 are
+written as ``\\xNN`` escapes, and a leading ``= + - @`` gets a ``'`` prefix so a spreadsheet
+does not run it as a formula. Rows are written as they are scored to ``<out>.partial`` beside
+``--out``, flushed after every batch and renamed onto ``--out`` at the end: a reader never sees
+a half file, and a run that stops part-way leaves every row scored so far in the partial file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import os
+import stat
+import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 
+from headswap.config import PredictConfig
 from headswap.errors import HeadswapError, RegistryError
 from headswap.imaging import IMAGE_SUFFIXES, UnreadableImageError, load_model_input
-from headswap.io import atomic_write_text, progress
+from headswap.io import progress
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# What a headswap model's input side may be; a file claiming more would make every batch
+# allocate gigabytes before a single image is scored.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
+BATCH_BYTES = 256 * 2**20  # the decoded pixels of one batch stay under this at any image size
+DEFAULT_OUT_NAME = "predictions.csv"
 
 
 class PredictError(HeadswapError):
-    """Batch prediction cannot start: no model, no images, or an unusable output path."""
+    """Batch prediction cannot start or finish: no model or images, a path outside the
+    ``predict`` roots, an unusable output path, or a failure part-way (rows kept)."""
+
+
+class ModelIntegrityError(RegistryError):
+    """A downloaded registered model is not the file that was registered (sha256 mismatch)."""
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (a Prefect flow with log_prints logs it)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -59,7 +86,7 @@ class OnnxClassifier:
         return cls(
             session,
             json.loads(meta["headswap.classes"]),
-            int(meta["headswap.image_size"]),
+            model_image_size(meta["headswap.image_size"], path),
             meta.get("headswap.interpolation", "bilinear"),
         )
 
@@ -71,6 +98,88 @@ class OnnxClassifier:
         """Probabilities [N, K] and predicted class indices [N] for a float32 NCHW batch."""
         probabilities, labels = self.session.run(["probabilities", "label"], {"pixels": pixels})
         return probabilities, labels.astype(np.int64)
+
+
+def model_image_size(value: str, path: Path) -> int:
+    """The model's input side from its metadata, refused unless it is 16..4096 px.
+
+    Raises:
+        PredictError: the value is not an integer in range.
+    """
+    try:
+        size = int(value)
+    except ValueError:
+        size = None
+    if size is None or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise PredictError(
+            f"{path}: its metadata headswap.image_size is {printable(value)[:40]!r}, outside "
+            f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} px; refusing the model (export it again with "
+            "backbone.image_size in range)"
+        )
+    return size
+
+
+# --- was the champion gated? ---------------------------------------------------------------
+# ``@champion`` moves only through the promotion gate, and every such move (a promotion, a
+# rollback, a model's first version) is appended to the audit history. A person can still move
+# the alias with the pencil in the MLflow UI, bypassing both: that shows as a champion other than
+# the one the last audited move set, or as a champion with no audited move at all.
+
+
+@dataclass(frozen=True)
+class OutOfBandChampion:
+    """A champion no audited move explains.
+
+    Attributes:
+        current: the version ``@champion`` names now.
+        audited: the version the last audited move set, or None when no move was ever audited.
+        audited_at: when that move happened (ISO 8601, UTC): the hand-made move came after it.
+    """
+
+    current: str
+    audited: str | None
+    audited_at: str | None
+
+    def message(self, name: str) -> str:
+        """One line for a person: which version, since when as far as can be told, what to do."""
+        if self.audited is None:
+            since = "no promotion, rollback or first registration in its audit history set it"
+        else:
+            since = (
+                f"the last audited move set v{self.audited} at {self.audited_at}, so it was "
+                "moved by hand (e.g. in the MLflow UI) after that"
+            )
+        return (
+            f"{name}@champion is v{self.current}, which was never gated: {since}. "
+            f"`headswap promote --version {self.current}` gates it, or `headswap history` "
+            "shows the audited moves"
+        )
+
+
+def out_of_band_champion(client, name: str) -> OutOfBandChampion | None:
+    """The champion of model ``name`` if no audited move explains it, else None.
+
+    Returns None too when the model has no champion. Reads the alias and the audit history
+    (``promotion.read_history``); a move is an entry whose outcome is in ``promotion.MOVES``.
+    """
+    from headswap.promotion import MOVES, read_history
+    from headswap.registry import CHAMPION, alias_version
+
+    current = alias_version(client, name, CHAMPION)
+    if current is None:
+        return None
+    moves = [entry for entry in read_history(client, name) if entry.get("outcome") in MOVES]
+    last = moves[-1] if moves else {}
+    audited = last.get("new_version")
+    if audited is not None and str(audited) == current:
+        return None
+    return OutOfBandChampion(current, None if audited is None else str(audited), last.get("time"))
+
+
+def champion_provenance(client, name: str) -> str | None:
+    """A one-line warning when ``name``'s champion was moved outside the gate, else None."""
+    found = out_of_band_champion(client, name)
+    return None if found is None else found.message(name)
 
 
 def champion_uri(registry) -> str:
@@ -88,9 +197,14 @@ def pin_alias(model: str) -> tuple[str, str]:
     from headswap.registry import alias_version, tracking_uri
 
     name, alias = model.removeprefix("models:/").rsplit("@", 1)
-    version = alias_version(MlflowClient(tracking_uri()), name, alias)
+    client = MlflowClient(tracking_uri())
+    version = alias_version(client, name, alias)
     if version is None:
         return model, model  # download_model then says the alias is not set
+    if alias == "champion":
+        ungated = champion_provenance(client, name)
+        if ungated:
+            warn(ungated)
     return f"models:/{name}/{version}", f"{model} (version {version})"
 
 
@@ -123,7 +237,62 @@ def download_model(model: str, dst: Path) -> Path:
     found = [folder] if folder.is_file() else sorted(folder.rglob("*.onnx"))
     if not found:
         raise PredictError(f"{model} holds no .onnx file (downloaded to {folder})")
+    verify_model_file(model, found[0])
     return found[0]
+
+
+def registered_version(model: str) -> tuple[str, str] | None:
+    """(name, version) for ``models:/<name>/<n>`` or ``models:/<name>@<alias>``, else None."""
+    if not model.startswith("models:/"):
+        return None
+    from mlflow import MlflowClient
+
+    from headswap.registry import alias_version, tracking_uri
+
+    rest = model.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        version = alias_version(MlflowClient(tracking_uri()), name, alias)
+        return None if version is None else (name, version)
+    name, _, version = rest.rpartition("/")
+    return (name, version) if name and version.isdigit() else None
+
+
+def verify_model_file(model: str, path: Path) -> None:
+    """Refuse a downloaded registered model whose sha256 differs from its ``onnx_sha256`` tag.
+
+    A version without the tag (registered before versions recorded it), or a URI that names no
+    registered version, gets one warning line and is used as it is.
+
+    Raises:
+        ModelIntegrityError: the file is not the one that was registered (and gated).
+    """
+    from mlflow import MlflowClient
+
+    from headswap.registry import file_sha256, tracking_uri, with_retries
+
+    found = registered_version(model)
+    if found is None:
+        warn(f"{model} is not a registered model version: its file cannot be verified")
+        return
+    name, version = found
+    client = MlflowClient(tracking_uri())
+    tags = with_retries(lambda: client.get_model_version(name, version).tags, "reading its tags")
+    expected = tags.get("onnx_sha256")
+    if not expected:
+        warn(
+            f"{name} v{version} has no onnx_sha256 tag (registered before versions recorded "
+            "it): its file cannot be verified"
+        )
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"{name} v{version}: the downloaded ONNX file has sha256 {actual[:16]}..., but the "
+            f"version's onnx_sha256 tag says {expected[:16]}...: the stored file is not the "
+            "model that was registered; refusing to use it (check the artifact store, or "
+            "register the model again)"
+        )
 
 
 def load_classifier(model: str) -> OnnxClassifier:
@@ -133,12 +302,92 @@ def load_classifier(model: str) -> OnnxClassifier:
         return OnnxClassifier.load(download_model(model, Path(tmp)))
 
 
+# --- where the served flow may read and write ------------------------------------------------
+
+
+def _resolve(path: Path, what: str) -> Path:
+    """``path`` with ``..`` and every symlink resolved; a malformed path is one line."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # symlink loop, NUL byte, ...
+        raise PredictError(f"{what} {printable(str(path))!r} cannot be resolved: {error}") from None
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def served_output(out: str, config: PredictConfig, workspace: Path = Path(".")) -> Path:
+    """The CSV file ``out`` names under ``predict.out_dir``, resolved; refused outside it.
+
+    A relative ``out`` is taken inside the folder (``batch-1.csv`` -> predictions/batch-1.csv);
+    ``..`` and symlinks are resolved before the check, so neither can lead out.
+
+    Raises:
+        PredictError: ``out`` resolves outside ``predict.out_dir`` or is the folder itself.
+    """
+    base = _resolve(workspace / config.out_dir, "predict.out_dir")
+    target = _resolve(base / out, "out")
+    if target == base or not target.is_relative_to(base):
+        raise PredictError(
+            f"out {printable(str(out))!r} resolves to {printable(str(target))}, outside "
+            f"predict.out_dir ({base}) in params.yaml: name a CSV file under it, e.g. "
+            f"{DEFAULT_OUT_NAME!r}"
+        )
+    return target
+
+
+def served_input(folder: str, config: PredictConfig, workspace: Path = Path(".")) -> Path:
+    """The image folder (or file) ``folder`` names, resolved; refused outside ``input_roots``.
+
+    A relative ``folder`` is taken from the workspace (``data/raw``).
+
+    Raises:
+        PredictError: it does not exist, or resolves outside every ``predict.input_roots``.
+    """
+    roots = [_resolve(workspace / root, "predict.input_roots") for root in config.input_roots]
+    source = _resolve(workspace / folder, "folder")
+    # Roots first: a caller learns nothing about what exists outside them.
+    if not _inside(source, roots):
+        allowed = ", ".join(map(str, roots)) or "none configured"
+        raise PredictError(
+            f"folder {printable(str(folder))!r} resolves to {printable(str(source))}, outside "
+            f"predict.input_roots ({allowed}) in params.yaml: put the images under one of "
+            "them, or add their folder to predict.input_roots"
+        )
+    if not source.exists():
+        raise PredictError(f"folder {printable(str(folder))!r}: no such file or folder")
+    return source
+
+
+def served_paths(
+    folder: str, out: str, config: PredictConfig, workspace: Path = Path(".")
+) -> tuple[Path, Path]:
+    """(input, output) for the served ``predict`` flow, both checked against params.yaml's
+    ``predict`` roots before anything is read, downloaded or written."""
+    return served_input(folder, config, workspace), served_output(out, config, workspace)
+
+
+# --- collecting images -----------------------------------------------------------------------
+
+
 def _escapes(path: Path, roots: list[Path]) -> bool:
     """True for a symlink found in an input folder that resolves outside that folder."""
     if not path.is_symlink():
         return False
     holders = [root for root in roots if path.is_relative_to(root)]
     return bool(holders) and not any(path.resolve().is_relative_to(r.resolve()) for r in holders)
+
+
+def printable(text: str) -> str:
+    r"""``text`` as valid UTF-8: file-name bytes that are not UTF-8 become ``\xNN`` escapes.
+
+    Python hands such names over with lone surrogates (PEP 383), which no UTF-8 file can hold.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def collect_images(inputs: list[Path]) -> list[tuple[Path, str]]:
@@ -160,8 +409,11 @@ def collect_images(inputs: list[Path]) -> list[tuple[Path, str]]:
         elif item.exists() or item.is_symlink():
             found.append((item, str(item)))
         else:
-            raise PredictError(f"{item}: no such file or folder")
+            raise PredictError(f"{printable(str(item))}: no such file or folder")
     return found
+
+
+# --- scoring and writing ---------------------------------------------------------------------
 
 
 @dataclass
@@ -174,6 +426,8 @@ class PredictResult:
 
 
 def _safe_cell(text: str) -> str:
+    """A CSV cell that is valid UTF-8 and that a spreadsheet will not run as a formula."""
+    text = printable(text)
     return f"'{text}" if text.startswith(FORMULA_PREFIXES) else text
 
 
@@ -187,6 +441,8 @@ def _decode(path: Path, model: OnnxClassifier, roots: list[Path]) -> np.ndarray 
         return str(error)
     except OSError as error:
         return f"cannot read: {error.strerror or error}"
+    except Exception as error:  # noqa: BLE001 - one odd file must not cost the batch its rows
+        return f"cannot decode: {type(error).__name__}: {error}"
 
 
 def _check_output(out: Path, images: list[tuple[Path, str]]) -> None:
@@ -196,34 +452,87 @@ def _check_output(out: Path, images: list[tuple[Path, str]]) -> None:
         raise PredictError(f"--out {out} is one of the input images; choose another file")
 
 
+def partial_path(out: Path) -> Path:
+    """Where rows go while they are scored: ``<out>.partial``, beside ``out``."""
+    return out.with_name(out.name + ".partial")
+
+
+@contextlib.contextmanager
+def _row_file(out: Path) -> Iterator[tuple[Any, TextIO]]:
+    """A CSV writer on ``<out>.partial``, renamed onto ``out`` if the block ends normally.
+
+    If the block fails, the partial file stays with every row written so far. It is created
+    afresh (never opened through a link left in its place), and takes the mode ``out`` had.
+    """
+    partial = partial_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    # backslashreplace: a cell that somehow escaped printable() still cannot stop the write.
+    with open(descriptor, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+        yield csv.writer(handle, lineterminator="\n"), handle
+        handle.flush()
+        os.fsync(handle.fileno())
+    if out.is_file():
+        os.chmod(partial, stat.S_IMODE(out.stat().st_mode))
+    os.replace(partial, out)
+
+
+def _batch_limit(size: int, batch_size: int) -> int:
+    """``batch_size``, lowered so one batch of float32 pixels stays under ``BATCH_BYTES``."""
+    return max(1, min(batch_size, BATCH_BYTES // (3 * size * size * 4)))
+
+
 def predict_images(
     model_uri: str, inputs: list[Path], out: Path, batch_size: int = 32
 ) -> PredictResult:
-    """Score every image with the ONNX model at ``model_uri`` and write ``out`` atomically."""
+    """Score every image with the ONNX model at ``model_uri``; write rows to ``out`` as it goes.
+
+    Raises:
+        PredictError: no images, an unusable ``out``, or an unexpected failure part-way (the
+            message says how many rows were kept and in which partial file).
+    """
     images = collect_images(inputs)
     if not images:
+        shown = ", ".join(printable(str(item)) for item in inputs)
         raise PredictError(
-            f"no images found in {', '.join(map(str, inputs))} "
-            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     _check_output(out, images)
     model = load_classifier(model_uri)
-    roots = [item for item in inputs if item.is_dir()]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "predicted", *[f"p_{name}" for name in model.classes], "error"])
     result = PredictResult(out, model_uri)
-    counts: Counter[str] = Counter()
-    starts = range(0, len(images), batch_size)
-    for start in progress(starts, f"predict {len(images)} images", total=len(starts)):
-        for row in _score_batch(model, images[start : start + batch_size], roots):
-            writer.writerow([_safe_cell(cell) for cell in row])
-            result.errors += bool(row[-1])
-            counts.update([row[1]] if row[1] else [])
-    atomic_write_text(out, buffer.getvalue())
-    result.rows = len(images)
+    try:
+        counts = _write_rows(model, images, [i for i in inputs if i.is_dir()], out, batch_size)
+    except Exception as error:  # noqa: BLE001 - say where the rows scored so far are kept
+        raise PredictError(
+            f"prediction stopped part-way ({type(error).__name__}: {printable(str(error))}); "
+            f"the rows scored so far are in {partial_path(out)}"
+        ) from error
+    result.rows, result.errors = len(images), counts.pop(None, 0)
     result.class_counts = {name: counts.get(name, 0) for name in model.classes}
     return result
+
+
+def _write_rows(
+    model: OnnxClassifier,
+    images: list[tuple[Path, str]],
+    roots: list[Path],
+    out: Path,
+    batch_size: int,
+) -> Counter:
+    """Score and write every image, flushing after each batch; counts per class (None: errors)."""
+    counts: Counter = Counter()
+    step = _batch_limit(model.size, batch_size)
+    starts = range(0, len(images), step)
+    with _row_file(out) as (writer, handle):
+        header = ["path", "predicted", *[f"p_{name}" for name in model.classes], "error"]
+        writer.writerow([_safe_cell(cell) for cell in header])
+        for start in progress(starts, f"predict {len(images)} images", total=len(starts)):
+            for row in _score_batch(model, images[start : start + step], roots):
+                writer.writerow([_safe_cell(cell) for cell in row])
+                counts.update([row[1] if not row[-1] else None])
+            handle.flush()  # a killed run still leaves every finished batch on disk
+    return counts
 
 
 def _score_batch(
