@@ -1,21 +1,21 @@
 """Dataset ingestion (source -> data/raw) and the prepare stage (data/raw -> manifest + report).
 
-``data/raw`` is an ImageFolder (``<class>/<image>``), the persistent output of the DVC ``ingest``
-stage, which syncs it with ``data.source`` on every run. An optional ``attributes.csv`` at its root
-adds per-image slice attributes (ELPV's cell type).
+``data/raw`` is an ImageFolder (``<class>/<image>``, subfolders kept), the persistent output of the
+DVC ``ingest`` stage, which syncs it with ``data.source`` on every run. Ingest copies images only:
+what it copies ends up in the DVC cache and on the remote, so a stray credentials file or a link
+to one must never get in. An optional ``attributes.csv`` at its root adds per-image slice
+attributes (ELPV's cell type).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import hashlib
-import io
 import json
 import os
+import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,8 +25,14 @@ from PIL import Image
 
 from headswap.config import DataConfig, SplitConfig
 from headswap.errors import DataError
-from headswap.imaging import IMAGE_SUFFIXES, UnreadableImageError, open_rgb, sha256_file
-from headswap.io import atomic_write_text, progress
+from headswap.imaging import (
+    DECODE_BAND_PIXELS,
+    IMAGE_SUFFIXES,
+    UnreadableImageError,
+    open_rgb,
+    sha256_file,
+)
+from headswap.io import atomic_write_text, create_temp_beside, csv_text, progress, read_csv
 
 ATTRIBUTES_FILE = "attributes.csv"
 # Files ingest could not copy (broken or looping symlinks): prepare folds them into its report.
@@ -42,6 +48,29 @@ ELPV_DEFECT_THRESHOLD = 0.5  # Deitsch et al.: defective means defect probabilit
 SPLIT_RULE = "pixels-sha256-threshold-v1"
 # Suffix of ingest's temp files (hidden names): a leftover one is from an interrupted sync.
 INGEST_TMP_SUFFIX = ".ingest-tmp"
+# How the formats of IMAGE_SUFFIXES start: ingest reads a file's first bytes and copies it only
+# if they match, so a text file named or linked as ``x.png`` never reaches data/raw (prepare
+# still decodes every file fully). BMP's "BM" alone is too weak against text, so the size of
+# its DIB header (12..124 bytes, one of the known versions) must follow at offset 14.
+IMAGE_SIGNATURE = re.compile(
+    rb"\x89PNG\r\n\x1a\n"  # PNG
+    rb"|\xff\xd8\xff"  # JPEG
+    rb"|GIF8[79]a"
+    rb"|II[*+]\x00|MM\x00[*+]"  # TIFF and BigTIFF, both byte orders
+    rb"|RIFF.{4}WEBP"
+    rb"|BM.{12}[\x0c\x10\x28\x34\x38\x40\x6c\x7c]\x00\x00\x00",
+    re.DOTALL,
+)
+IMAGE_HEAD_BYTES = 18  # enough for every IMAGE_SIGNATURE
+FOLDER_NOT_FOLLOWED = "symlinked folder (not followed)"
+RENAMED = "file name is not valid UTF-8: copied with each undecodable byte written as %XX"
+UNDECODABLE_NAME = (
+    "file name is not valid UTF-8: rename it, or let `headswap ingest` copy it from data.source "
+    "(it writes each undecodable byte as %XX)"
+)
+NAME_TAKEN = (
+    "file name is not valid UTF-8, and its %XX-escaped name is taken by another file: rename it"
+)
 
 
 @dataclass(frozen=True)
@@ -64,12 +93,14 @@ class IngestResult:
         changes: per class (every class that had files before or after), what the sync did.
         rewritten: root files (``attributes.csv``, ``ingest_report.json``) written or removed
             because their content changed.
+        renamed: data/raw paths of files whose source name was not valid UTF-8 (``_portable``).
     """
 
     root: Path
     class_counts: dict[str, int]
     changes: dict[str, ClassChanges] = field(default_factory=dict)
     rewritten: tuple[str, ...] = ()
+    renamed: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -89,8 +120,23 @@ class PrepareResult:
     warnings: tuple[str, ...] = ()  # e.g. a class with no test images (also in validation.json)
 
 
-def _elpv_records(max_per_class: int | None) -> list[tuple[Path, str, dict[str, str]]]:
-    """(file, class, attributes) for every ELPV cell, in the package's own order."""
+@dataclass(frozen=True)
+class _Record:
+    """One file of data.source: where it is, its class, its path under the class folder."""
+
+    source: Path
+    label: str
+    name: str  # posix path below the class folder ("a/x.png" for <class>/a/x.png)
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def relative(self) -> str:
+        """Its path under data/raw (``<class>/<name>``), as the source spells it."""
+        return f"{self.label}/{self.name}"
+
+
+def _elpv_records(max_per_class: int | None) -> list[_Record]:
+    """Every ELPV cell with its class and attributes, in the package's own order."""
     import elpv_dataset
 
     labels_csv = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
@@ -101,11 +147,19 @@ def _elpv_records(max_per_class: int | None) -> list[tuple[Path, str, dict[str, 
         rel_path, probability, cell_type = line.split()
         label = "defective" if float(probability) >= ELPV_DEFECT_THRESHOLD else "functional"
         attributes = {"cell_type": cell_type, "defect_probability": probability}
-        records.append((labels_csv.parent / rel_path, label, attributes))
+        path = labels_csv.parent / rel_path
+        records.append(_Record(path, label, path.name, attributes))
     return _first_per_class(records, max_per_class)
 
 
-def _folder_records(root: Path, max_per_class: int | None) -> list[tuple[Path, str, dict]]:
+def _folder_records(
+    root: Path, max_per_class: int | None
+) -> tuple[list[_Record], list[dict[str, str]]]:
+    """Every non-hidden file below each class folder of ``root``, and the folders not followed.
+
+    A class folder that is a symlink is followed (a real way to assemble a dataset); symlinked
+    folders inside a class are not, so a link cannot pull in a tree from anywhere (or loop).
+    """
     if not root.is_dir():
         # A clone may hold data/raw (dvc pull) without the folder it came from.
         raise DataError(
@@ -113,23 +167,41 @@ def _folder_records(root: Path, max_per_class: int | None) -> list[tuple[Path, s
             "ImageFolder directory laid out as <class>/<image files>). To re-run on the data/raw "
             "that DVC holds instead (`dvc pull`), run `dvc repro --downstream prepare`"
         )
-    records = [
-        (path, class_dir.name, {})
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))
-        for path in sorted(class_dir.rglob("*"))
-        if not _hidden(path) and not path.is_dir()
-    ]
-    return _first_per_class(records, max_per_class)
+    records, ignored = [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p)):
+        files, links = _class_files(class_dir)
+        records.extend(_Record(path, class_dir.name, name) for name, path in files)
+        ignored.extend(
+            {"path": _portable(f"{class_dir.name}/{name}"), "reason": FOLDER_NOT_FOLLOWED}
+            for name in links
+        )
+    return _first_per_class(records, max_per_class), ignored
 
 
-def _first_per_class(records: list, max_per_class: int | None) -> list:
+def _class_files(class_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(name below the class, path) of every non-hidden file, sorted; and symlinked folders.
+
+    Hidden folders are pruned at every depth, so nothing under ``.git/`` or ``.cache/`` is seen.
+    """
+    files, links = [], []
+    for folder, subfolders, names in os.walk(class_dir):
+        base = Path(folder).relative_to(class_dir)
+        subfolders[:] = [name for name in subfolders if not _hidden(Path(name))]
+        for name in subfolders:
+            if os.path.islink(os.path.join(folder, name)):  # os.walk does not descend these
+                links.append((base / name).as_posix())
+        files.extend(base / name for name in names if not _hidden(Path(name)))
+    return [(name.as_posix(), class_dir / name) for name in sorted(files)], sorted(links)
+
+
+def _first_per_class(records: list[_Record], max_per_class: int | None) -> list[_Record]:
     if max_per_class is None:
         return records
     taken: Counter[str] = Counter()
     subset = []
     for record in records:
-        if taken[record[1]] < max_per_class:
-            taken[record[1]] += 1
+        if taken[record.label] < max_per_class:
+            taken[record.label] += 1
             subset.append(record)
     return subset
 
@@ -138,59 +210,162 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name.lower() in {"thumbs.db", "desktop.ini"}
 
 
-def ingest(config: DataConfig, raw_dir: Path) -> IngestResult:
-    """Sync ``raw_dir`` with ``data.source``: copy new files, replace changed ones, drop gone ones.
+@dataclass
+class _Plan:
+    """What data/raw should hold after a sync, and what of the source it leaves out.
+
+    Attributes:
+        wanted: ``{"<class>/<path>": source file}``, paths as data/raw spells them.
+        attributes: attributes.csv rows.
+        uncopied: ``{"path", "reason"}`` per source file not copied.
+        renamed: ``{"path", "reason"}`` per file copied under another name (not valid UTF-8).
+        ignored: ``{"path", "reason"}`` per symlinked folder inside a class (not followed).
+    """
+
+    wanted: dict[str, Path] = field(default_factory=dict)
+    attributes: list[dict] = field(default_factory=list)
+    uncopied: list[dict] = field(default_factory=list)
+    renamed: list[dict] = field(default_factory=list)
+    ignored: list[dict] = field(default_factory=list)
+
+    def notes(self) -> dict[str, list[dict]]:
+        """The report entries besides ``skipped`` and ``empty_classes``."""
+        return {"renamed": self.renamed, "ignored": self.ignored}
+
+
+def ingest(config: DataConfig, raw_dir: Path, workspace: Path | None = None) -> IngestResult:
+    """Sync ``raw_dir`` with ``data.source``: copy new images, replace changed ones, drop gone ones.
+
+    Only images are copied: files with an image extension that are regular files once symlinks
+    are resolved and that start like an image (``IMAGE_SIGNATURE``). Everything else is listed
+    in ``ingest_report.json``, which prepare folds into its validation report. Subfolders of a
+    class keep their place (``cls/a/x.png`` -> ``data/raw/cls/a/x.png``).
 
     Unchanged files are left alone (same inode and mtime), so DVC's hash cache stays warm and
     ``data/raw`` keeps its md5 when the source did not change. Each file is copied to a hidden
     temp file beside its target and renamed into place, so an interrupted sync never leaves a
     half-written file under a final name; the next sync removes its temp files and finishes.
 
+    Args:
+        config: the data section (``data.source``, ``data.max_per_class``).
+        raw_dir: the data/raw folder to sync.
+        workspace: the project folder (default: the current one), which data.source must not be
+            nor contain.
+
     Raises:
-        DataError: ``data.source`` is not ``elpv`` nor a folder, or holds no files; data/raw is
-            left as it was.
+        DataError: ``data.source`` is not ``elpv`` nor a folder, overlaps the workspace or
+            data/raw, or holds no images; data/raw is left as it was.
     """
+    plan = _plan(config, raw_dir, Path.cwd() if workspace is None else workspace)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(raw_dir)
+    tally: dict[str, Counter[str]] = {}
+    for relative, source in progress(list(plan.wanted.items()), "ingest"):
+        outcome = _sync_file(source, raw_dir / relative)
+        tally.setdefault(relative.split("/")[0], Counter())[outcome] += 1
+    _remove_unwanted(raw_dir, set(plan.wanted), tally)
+    empty = _empty_classes(config.source, {relative.split("/")[0] for relative in plan.wanted})
+    rewritten = _write_root_files(raw_dir, plan, empty)
+    changes = {label: ClassChanges(**counts) for label, counts in sorted(tally.items())}
+    counts = {label: c.added + c.replaced + c.unchanged for label, c in changes.items()}
+    return IngestResult(
+        raw_dir,
+        {k: n for k, n in counts.items() if n},
+        changes,
+        rewritten,
+        tuple(item["path"] for item in plan.renamed),
+    )
+
+
+def _plan(config: DataConfig, raw_dir: Path, workspace: Path) -> _Plan:
+    """Read data.source and decide what data/raw should hold, before anything is written."""
+    ignored: list[dict] = []
     if config.source == "elpv":
         records = _elpv_records(config.max_per_class)
     else:
-        records = _folder_records(Path(config.source).expanduser(), config.max_per_class)
+        root = Path(config.source).expanduser()
+        _check_source_location(config.source, root, raw_dir, workspace)
+        records, ignored = _folder_records(root, config.max_per_class)
     if not records:
         raise DataError(f"data.source '{config.source}' holds no files under <class>/ folders")
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(raw_dir)
-    wanted, attributes_rows, uncopied = _wanted_files(records)
-    tally: dict[str, Counter[str]] = {}
-    for relative, source in progress(list(wanted.items()), "ingest"):
-        outcome = _sync_file(source, raw_dir / relative)
-        tally.setdefault(relative.split("/")[0], Counter())[outcome] += 1
-    _remove_unwanted(raw_dir, set(wanted), tally)
-    empty = _empty_classes(config.source, {label for _, label, _ in records})
-    rewritten = _write_root_files(raw_dir, attributes_rows, uncopied, empty)
-    changes = {label: ClassChanges(**counts) for label, counts in sorted(tally.items())}
-    counts = {label: c.added + c.replaced + c.unchanged for label, c in changes.items()}
-    return IngestResult(raw_dir, {k: n for k, n in counts.items() if n}, changes, rewritten)
+    plan = _wanted_files(records)
+    plan.ignored = ignored
+    if not plan.wanted:
+        reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in plan.uncopied[:3])
+        raise DataError(
+            f"data.source '{config.source}' holds no images under <class>/ folders "
+            f"({len(plan.uncopied)} other file(s), e.g. {reasons}). Put image files there."
+        )
+    return plan
 
 
-def _wanted_files(
-    records: list[tuple[Path, str, dict]],
-) -> tuple[dict[str, Path], list[dict], list[dict]]:
-    """The files data/raw should hold ({"<class>/<name>": source}), attribute rows, and uncopied.
+def _check_source_location(source: str, root: Path, raw_dir: Path, workspace: Path) -> None:
+    """Refuse a data.source, or a class folder linked elsewhere, that would make the project
+    ingest its own folders (or data/raw into itself, growing on every run).
 
-    Nested source folders are flattened to ``<class>/<name>``; where two names collide, the
-    later file wins, as it did when ingest copied into an empty folder.
+    Raises:
+        DataError: it is the workspace, holds it, or overlaps ``raw_dir``.
     """
-    wanted: dict[str, Path] = {}
-    attributes: dict[str, dict] = {}
-    uncopied = []
-    for source, label, record_attributes in records:
-        relative = f"{label}/{source.name}"
-        if reason := _uncopyable(source):
-            uncopied.append({"path": relative, "reason": reason})
+    linked = [p for p in root.iterdir() if p.is_symlink() and p.is_dir()] if root.is_dir() else []
+    for folder in [root, *linked]:
+        what = _overlap(folder.resolve(), raw_dir, workspace.resolve())
+        if what is None:
             continue
-        wanted[relative] = source
-        if record_attributes:
-            attributes[relative] = {"path": relative, **record_attributes}
-    return wanted, list(attributes.values()), uncopied
+        where = f"'{source}'" if folder == root else f"'{source}': class folder {folder.name}"
+        raise DataError(
+            f"data.source: {where} is {what}, so the project's own files would be ingested. "
+            "Set data.source in params.yaml to a folder of <class>/<image files> outside the "
+            "project."
+        )
+
+
+def _overlap(folder: Path, raw_dir: Path, work: Path) -> str | None:
+    """How resolved ``folder`` overlaps the workspace or data/raw, in words; None if it does not."""
+    raw = raw_dir.resolve()
+    if work.is_relative_to(folder):
+        return "the workspace" if folder == work else f"a folder holding the workspace {work}"
+    if folder.is_relative_to(raw):
+        return f"inside {raw_dir}, which ingest writes"
+    if raw.is_relative_to(folder):
+        return f"a folder holding {raw_dir}, which ingest writes"
+    return None
+
+
+def _wanted_files(records: list[_Record]) -> _Plan:
+    """The files data/raw should hold, with their attribute rows, and what is not copied.
+
+    A name that is not valid UTF-8 is copied with each undecodable byte as ``%XX``
+    (``_portable``): every later stage, the manifest and the reports then carry plain text.
+    """
+    plan = _Plan()
+    attributes: dict[str, dict] = {}
+    spelled = {record.relative for record in records}
+    for record in records:
+        relative = _portable(record.relative)
+        if reason := _uncopyable(record.source, check_content=True):
+            plan.uncopied.append({"path": relative, "reason": reason})
+            continue
+        if relative != record.relative:
+            if relative in spelled:
+                plan.uncopied.append({"path": relative, "reason": NAME_TAKEN})
+                continue
+            plan.renamed.append({"path": relative, "reason": RENAMED})
+        plan.wanted[relative] = record.source
+        if record.attributes:
+            attributes[relative] = {"path": relative, **record.attributes}
+    plan.attributes = list(attributes.values())
+    return plan
+
+
+def _portable(relative: str) -> str:
+    """``relative`` with every byte that is not valid UTF-8 written as ``%XX``.
+
+    On POSIX, Python gives such bytes as lone surrogates (U+DC80..U+DCFF), which cannot be
+    written to a UTF-8 file; valid names come back unchanged.
+    """
+    return "".join(
+        f"%{ord(char) - 0xDC00:02X}" if 0xDC80 <= ord(char) <= 0xDCFF else char for char in relative
+    )
 
 
 def _sync_file(source: Path, target: Path) -> str:
@@ -222,20 +397,33 @@ def _same_content(source: Path, target: Path) -> bool:
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
-    """Copy bytes, mode and mtime (``shutil.copy2``) via a hidden temp file and a rename."""
+    """Copy bytes, mode and mtime via a hidden temp file and a rename.
+
+    The bytes come from one open of ``source`` (following symlinks: data/raw holds plain files
+    only), and their start is checked again: a file swapped after the sync planned it, such as a
+    link re-pointed at a secret, is refused rather than copied.
+
+    Raises:
+        DataError: the bytes read are not an image's.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_beside(target) as tmp:
-        shutil.copy2(source, tmp)  # follows symlinks: data/raw holds plain files only
+    with open(source, "rb") as reader, _temp_beside(target) as tmp:
+        head = reader.read(IMAGE_HEAD_BYTES)
+        if not IMAGE_SIGNATURE.match(head):
+            raise DataError(
+                f"{source} changed while ingest copied it and is not an image now: "
+                "run `headswap ingest` again"
+            )
+        with open(tmp, "wb") as writer:
+            writer.write(head)
+            shutil.copyfileobj(reader, writer)
+        shutil.copystat(source, tmp)
 
 
 @contextlib.contextmanager
 def _temp_beside(target: Path) -> Iterator[Path]:
     """A hidden temp file beside ``target``, renamed onto it if the block succeeds."""
-    fd, name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=INGEST_TMP_SUFFIX, dir=target.parent
-    )
-    os.close(fd)
-    tmp = Path(name)
+    tmp = create_temp_beside(target, INGEST_TMP_SUFFIX)
     try:
         yield tmp
         descriptor = os.open(tmp, os.O_RDONLY)
@@ -294,20 +482,19 @@ def _remove_empty_folders(raw_dir: Path) -> None:
             os.rmdir(folder)
 
 
-def _write_root_files(
-    raw_dir: Path, attributes_rows: list[dict], uncopied: list[dict], empty: list[str]
-) -> tuple[str, ...]:
+def _write_root_files(raw_dir: Path, plan: _Plan, empty: list[str]) -> tuple[str, ...]:
     """Write attributes.csv and ingest_report.json (or remove them), only where content changed."""
     attributes = None
-    if attributes_rows:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(attributes_rows[0]))
-        writer.writeheader()
-        writer.writerows(attributes_rows)
-        attributes = buffer.getvalue()
+    if plan.attributes:
+        columns = list(plan.attributes[0])
+        rows = ([row[column] for column in columns] for row in plan.attributes)
+        attributes = csv_text(columns, rows, line_end="\r\n")  # the bytes it always had
     report = None
-    if uncopied or empty:
-        report = json.dumps({"skipped": uncopied, "empty_classes": empty}, indent=2)
+    if plan.uncopied or empty or plan.renamed or plan.ignored:
+        found = {"skipped": plan.uncopied, "empty_classes": empty}
+        # The newer keys only when they hold something, so reports keep the bytes they had.
+        found.update((key, items) for key, items in plan.notes().items() if items)
+        report = json.dumps(found, indent=2)
     contents = {ATTRIBUTES_FILE: attributes, INGEST_REPORT_FILE: report}
     return tuple(name for name, text in contents.items() if _write_if_changed(raw_dir / name, text))
 
@@ -331,15 +518,21 @@ def _empty_classes(source: str, filled: set[str]) -> list[str]:
     if source == "elpv":
         return []
     root = Path(source).expanduser()
-    return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not _hidden(p) and p.name not in filled
-    )
+    names = (_portable(p.name) for p in root.iterdir() if p.is_dir() and not _hidden(p))
+    return sorted(name for name in names if name not in filled)
 
 
-def _uncopyable(path: Path) -> str | None:
-    """Why ingest cannot copy ``path`` (a dangling or looping symlink), or None."""
+def _uncopyable(path: Path, check_content: bool = False) -> str | None:
+    """Why ingest cannot or will not copy ``path``, or None.
+
+    Args:
+        path: a file, maybe a symlink.
+        check_content: also require an image extension and an image's first bytes (ingest).
+    """
+    if check_content and path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image extension ({path.suffix or 'none'})"
     if path.is_file():
-        return None
+        return _not_an_image(path) if check_content else None
     try:
         os.stat(path)
     except OSError as error:
@@ -349,6 +542,20 @@ def _uncopyable(path: Path) -> str | None:
             return f"broken symlink (target {os.readlink(path)} does not exist)"
         return f"cannot read: {error.strerror}"
     return "not a regular file"
+
+
+def _not_an_image(path: Path) -> str | None:
+    """Why a regular file's first bytes are not an image's (``IMAGE_SIGNATURE``), or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(IMAGE_HEAD_BYTES)
+    except OSError as error:
+        return f"cannot read: {error.strerror or error}"
+    if not head:
+        return "empty file (0 bytes)"
+    if IMAGE_SIGNATURE.match(head):
+        return None
+    return "not an image file (its first bytes match no image format)"
 
 
 def class_order(labels: set[str], positive_class: str | None) -> list[str]:
@@ -428,18 +635,19 @@ def _read_attributes(raw_dir: Path) -> dict[str, dict[str, str]]:
     path = raw_dir / ATTRIBUTES_FILE
     if not path.is_file():
         return {}
-    with open(path, newline="") as handle:
-        return {row.pop("path"): row for row in csv.DictReader(handle)}
+    return {row.pop("path"): row for row in read_csv(path)}
 
 
 @dataclass
 class _Scan:
-    """What prepare found in data/raw: usable rows, skipped files, ignored files, empty classes."""
+    """What prepare found in data/raw: usable rows, skipped files, ignored files, empty classes,
+    and files ingest copied under an escaped name."""
 
     rows: list[dict]
     skipped: list[dict]
     ignored: list[dict]
     empty_classes: list[str]
+    renamed: list[dict] = field(default_factory=list)
 
 
 def _scan(raw_dir: Path) -> _Scan:
@@ -448,11 +656,17 @@ def _scan(raw_dir: Path) -> _Scan:
         raise DataError(f"{raw_dir} does not exist: run `headswap ingest` (or `make run`) first")
     class_dirs = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not _hidden(p))
     ingest_report = _read_ingest_report(raw_dir)
-    scan = _Scan([], list(ingest_report.get("skipped", [])), [], [])
+    scan = _Scan(
+        [],
+        list(ingest_report.get("skipped", [])),
+        list(ingest_report.get("ignored", [])),
+        [],
+        list(ingest_report.get("renamed", [])),
+    )
     entries = {class_dir.name: sorted(class_dir.rglob("*")) for class_dir in class_dirs}
     for label, paths in entries.items():
         if not any(not _hidden(path) and not path.is_dir() for path in paths):
-            scan.empty_classes.append(label)
+            scan.empty_classes.append(_portable(label))
     candidates = [(label, path) for label, paths in entries.items() for path in paths]
     for label, path in progress(candidates, "validate images"):
         _classify(path, raw_dir, label, scan)
@@ -465,10 +679,13 @@ def _classify(path: Path, raw_dir: Path, label: str, scan: _Scan) -> None:
     if _hidden(path) or any(
         _hidden(part) for part in path.relative_to(raw_dir).parents if part.name
     ):
-        scan.ignored.append({"path": relative, "reason": "hidden or system file"})
+        scan.ignored.append({"path": _portable(relative), "reason": "hidden or system file"})
     elif path.is_dir():
         if path.is_symlink():
-            scan.ignored.append({"path": relative, "reason": "symlinked folder (not followed)"})
+            scan.ignored.append({"path": _portable(relative), "reason": FOLDER_NOT_FOLLOWED})
+    elif _portable(relative) != relative:
+        # Placed in data/raw by hand (ingest renames these): the manifest could not name it.
+        scan.skipped.append({"path": _portable(relative), "reason": UNDECODABLE_NAME})
     else:
         try:
             pixels = _pixels_sha256(path)
@@ -504,7 +721,10 @@ def pixels_sha256(image: Image.Image) -> str:
     pixels: this hash makes it one image for deduplication, label conflicts and the split.
     """
     digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
-    digest.update(image.tobytes())
+    # Bands of rows: the same bytes as ``image.tobytes()``, without a copy of the whole image.
+    rows = max(1, DECODE_BAND_PIXELS // max(image.width, 1))
+    for top in range(0, image.height, rows):
+        digest.update(image.crop((0, top, image.width, min(top + rows, image.height))).tobytes())
     return digest.hexdigest()
 
 
@@ -562,7 +782,7 @@ def prepare(config: DataConfig, raw_dir: Path, out_dir: Path) -> PrepareResult:
     _check_dataset(scan, config)
     rows, duplicates = _deduplicate(scan.rows)
     assign_splits(rows, config.split)
-    warnings = split_warnings(rows, config.split)
+    warnings = split_warnings(rows, config.split) + _renamed_warnings(scan.renamed)
     attribute_columns = _attach_attributes(rows, raw_dir)
     classes = class_order({row["label"] for row in rows}, config.positive_class)
     counts = {
@@ -583,6 +803,7 @@ def prepare(config: DataConfig, raw_dir: Path, out_dir: Path) -> PrepareResult:
         "ignored": scan.ignored,
         "duplicates": duplicates,
         "empty_classes": scan.empty_classes,
+        "renamed": scan.renamed,
         "split_rule": SPLIT_RULE,
         "warnings": warnings,
     }
@@ -595,6 +816,16 @@ def prepare(config: DataConfig, raw_dir: Path, out_dir: Path) -> PrepareResult:
         tuple(scan.skipped),
         tuple(warnings),
     )
+
+
+def _renamed_warnings(renamed: list[dict]) -> list[str]:
+    """One line about files ingest copied under an escaped name (listed in the report)."""
+    if not renamed:
+        return []
+    return [
+        f"{len(renamed)} file name(s) in data.source are not valid UTF-8: ingest copied them with "
+        "each undecodable byte written as %XX (listed under 'renamed' in validation.json)"
+    ]
 
 
 def _missing_raw_message(raw_dir: Path, source: str) -> str:
@@ -644,17 +875,16 @@ def _deduplicate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def _write_manifest(path: Path, rows: list[dict], columns: list[str]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda row: row["path"]))
-    atomic_write_text(path, buffer.getvalue())
+    """The manifest, cells defused for spreadsheets (``csv_text``); ``read_manifest`` reverts."""
+    ordered = sorted(rows, key=lambda row: row["path"])
+    atomic_write_text(
+        path, csv_text(columns, ([row.get(c, "") for c in columns] for row in ordered))
+    )
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
-    """The manifest rows, in file order."""
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    """The manifest rows, in file order, with every cell as prepare was given it."""
+    return read_csv(path)
 
 
 def read_classes(report_path: Path) -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ from sklearn import metrics as skm
 
 from headswap.config import EvaluateConfig
 from headswap.data import read_manifest
-from headswap.io import atomic_path, atomic_write_text
+from headswap.io import atomic_write_text, csv_text
 
 if TYPE_CHECKING:  # torch-backed; imported where used so the metric functions stay light
     from headswap.features import FeatureSet
@@ -212,18 +210,10 @@ def _write_predictions(
     predictions: np.ndarray,
     classes: list[str],
 ) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "sha256", "label", "predicted", *[f"p_{name}" for name in classes]])
-    for row, probs, predicted in zip(rows, probabilities, predictions, strict=True):
-        writer.writerow(
-            [
-                row["path"],
-                row["sha256"],
-                row["label"],
-                classes[predicted],
-                *[f"{p:.8f}" for p in probs],
-            ]
-        )
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+    header = ["path", "sha256", "label", "predicted", *[f"p_{name}" for name in classes]]
+    lines = [
+        [row["path"], row["sha256"], row["label"], classes[predicted], *[f"{p:.8f}" for p in probs]]
+        for row, probs, predicted in zip(rows, probabilities, predictions, strict=True)
+    ]
+    # Paths and class names come from folder names: defused so a spreadsheet shows them as text.
+    atomic_write_text(path, csv_text(header, lines))

@@ -18,6 +18,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 # Refuse images above this many pixels (a 16k x 16k photo) instead of letting one crafted file
 # exhaust memory: PIL only warns below 2x its own limit, so we turn the warning into an error.
 MAX_PIXELS = 16_384 * 16_384
+# Pixels converted at a time where a whole-image copy would multiply memory (16-bit scaling,
+# hashing decoded pixels): 2 Mi pixels, 16 MiB as float64.
+DECODE_BAND_PIXELS = 1 << 21
 
 _RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -54,7 +57,8 @@ def open_rgb(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                # In place: a copy would double the decoded pixels held at once.
+                ImageOps.exif_transpose(image, in_place=True)
                 return _to_rgb(image)
     except UnreadableImageError:
         raise
@@ -73,9 +77,23 @@ def open_rgb(path: Path) -> Image.Image:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: scale to 8 bits instead of letting PIL clip everything above 255.
-        array = np.asarray(image, dtype=np.float64)
-        top = max(float(array.max()), 1.0)
-        image = Image.fromarray((array * (255.0 / top)).astype(np.uint8), mode="L")
+        # A band of rows at a time: a float64 copy of a 16k x 16k image would take 2 GiB, where
+        # the bands add 16 MiB at most. The arithmetic per pixel is the same as on the whole
+        # array, so the 8-bit values (and the pixel hash that decides the split) do not move.
+        width, height = image.size
+        rows = max(1, DECODE_BAND_PIXELS // max(width, 1))
+
+        def band(start: int) -> np.ndarray:
+            crop = image.crop((0, start, width, min(start + rows, height)))
+            return np.asarray(crop, dtype=np.float64)
+
+        starts = range(0, height, rows)
+        top = max([1.0, *(float(band(start).max()) for start in starts)])
+        scaled = np.empty((height, width), dtype=np.uint8)
+        for start in starts:
+            scaled[start : start + rows] = (band(start) * (255.0 / top)).astype(np.uint8)
+        image.close()  # the 16-bit pixels go before the RGB copy is made
+        image = Image.fromarray(scaled)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite transparent pixels onto white rather than the undefined colour under them.
         rgba = image.convert("RGBA")

@@ -133,9 +133,14 @@ def restore_cell(text: str) -> str:
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]], line_end: str = "\n") -> str:
     """CSV text, one line per row, every cell (the header's too) passed through ``defuse_cell``."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator=line_end)
-    writer.writerow([defuse_cell(cell) for cell in header])
-    writer.writerows([defuse_cell(cell) for cell in row] for row in rows)
+    plain = csv.writer(buffer, lineterminator=line_end)
+    # Python 3.11 quotes only the line end's own characters: a lone CR in a name would end the
+    # row for a reader. A row holding one is written fully quoted; the others keep their bytes.
+    quoted = csv.writer(buffer, lineterminator=line_end, quoting=csv.QUOTE_ALL)
+    for row in [header, *rows]:
+        cells = [defuse_cell(cell) for cell in row]
+        breaks = any(isinstance(cell, str) and ("\r" in cell or "\n" in cell) for cell in cells)
+        (quoted if breaks else plain).writerow(cells)
     return buffer.getvalue()
 
 

@@ -8,8 +8,6 @@ point costs one head fit, never a pass through the body.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,7 +19,7 @@ from headswap.errors import ConfigError
 from headswap.evaluate import decide, roc_auc
 from headswap.features import FeatureSet
 from headswap.heads import predict_proba, train_head
-from headswap.io import atomic_path, atomic_write_text, progress
+from headswap.io import atomic_path, atomic_write_text, csv_text, progress
 
 DEFAULT_SIZES: tuple[int | None, ...] = (10, 25, 50, 100, 200, None)  # None = all of train
 
@@ -158,32 +156,28 @@ def _label(per_class: int | None) -> str:
 
 def write_table(points: list[CurvePoint], csv_path: Path, json_path: Path) -> None:
     """The curve as CSV (one row per size) and JSON (with every seed's scores)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
+    header = [
+        "per_class",
+        "train_images",
+        "seeds",
+        "accuracy_mean",
+        "accuracy_std",
+        "roc_auc_mean",
+        "roc_auc_std",
+    ]
+    rows = [
         [
-            "per_class",
-            "train_images",
-            "seeds",
-            "accuracy_mean",
-            "accuracy_std",
-            "roc_auc_mean",
-            "roc_auc_std",
+            _label(p.per_class),
+            p.train_images,
+            p.seeds,
+            f"{p.accuracy_mean:.6f}",
+            f"{p.accuracy_std:.6f}",
+            _fmt(p.roc_auc_mean),
+            _fmt(p.roc_auc_std),
         ]
-    )
-    for p in points:
-        writer.writerow(
-            [
-                _label(p.per_class),
-                p.train_images,
-                p.seeds,
-                f"{p.accuracy_mean:.6f}",
-                f"{p.accuracy_std:.6f}",
-                _fmt(p.roc_auc_mean),
-                _fmt(p.roc_auc_std),
-            ]
-        )
-    atomic_write_text(csv_path, buffer.getvalue())
+        for p in points
+    ]
+    atomic_write_text(csv_path, csv_text(header, rows))
     atomic_write_text(json_path, json.dumps([asdict(p) for p in points], indent=2))
 
 

@@ -1,10 +1,16 @@
 """A model card per registered version, written from its lineage and its evaluation.
 
 The card is plain markdown: it is logged beside the run's other artifacts and set as the model
-version's description, so the MLflow UI shows it on the version's page.
+version's description, so the MLflow UI shows it on the version's page. Names that come from
+data or from people (class names, slice values, the model name, lineage values) are escaped
+(``md_text``, ``md_code``): a class called ``a|b`` or ``<script>`` cannot break a table or put
+HTML on that page.
 """
 
 from __future__ import annotations
+
+import html
+import re
 
 from headswap.backbones import BUNDLED_BODIES, BUNDLED_LICENSE
 
@@ -24,6 +30,28 @@ LIMITATIONS = [
     "shift in data.",
     "Not evaluated on other cell technologies, cameras or image corruptions.",
 ]
+
+
+# Markdown that would change how the text around it renders: escapes, code, emphasis, links and
+# images, table cells, strikethrough; and an underscore not between two letters or digits
+# (emphasis). One inside a word (cell_type) never starts emphasis, and names are full of them.
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]|~]|(?<![^\W_])_|_(?![^\W_])")
+
+
+def md_text(value: object) -> str:
+    """``value`` as markdown text that renders as itself: one line, no HTML, no markup."""
+    flat = " ".join(str(value).split())  # a newline would end a table row or a list item
+    return _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match[0], html.escape(flat, quote=False))
+
+
+def md_code(value: object) -> str:
+    """``value`` as an inline code span on one line, fenced by more backticks than it holds."""
+    flat = " ".join(str(value).split())
+    runs = re.findall(r"`+", flat)
+    if not runs:
+        return f"`{flat}`"
+    fence = "`" * (max(map(len, runs)) + 1)
+    return f"{fence} {flat} {fence}"
 
 
 def backbone_license(backbone: str) -> str:
@@ -52,21 +80,21 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _data_section(lineage: dict, validation: dict) -> list[str]:
     classes, counts = validation["classes"], validation["counts"]
-    rows = [[split, *[str(counts[split].get(c, 0)) for c in classes]] for split in counts]
+    rows = [[md_text(split), *[str(counts[split].get(c, 0)) for c in classes]] for split in counts]
     split = ", ".join(
-        f"{key.removeprefix('split_')} `{lineage[key]}`"
+        f"{key.removeprefix('split_')} {md_code(lineage[key])}"
         for key in ("split_rule", "split_seed", "split_test_size", "split_val_size")
         if key in lineage
     )
     return [
         "## Data",
-        f"- data version (DVC md5): `{lineage.get('data_md5', 'unknown')}`",
+        f"- data version (DVC md5): {md_code(lineage.get('data_md5', 'unknown'))}",
         *([f"- split: {split}; the manifest is `data/manifest.csv` in the run"] if split else []),
-        f"- test-split fingerprint: `{lineage.get('test_fingerprint', 'unknown')}`",
+        f"- test-split fingerprint: {md_code(lineage.get('test_fingerprint', 'unknown'))}",
         f"- images: {validation.get('images')}, skipped as unreadable: "
         f"{len(validation.get('skipped', []))}",
         "",
-        *_table(["split", *classes], rows),
+        *_table(["split", *map(md_text, classes)], rows),
     ]
 
 
@@ -78,11 +106,13 @@ def _changes_section(changes: dict | None) -> list[str]:
     if not changes.get("per_class"):
         return ["## Data changes since the champion", changes.get("note") or "Not compared.", ""]
     kinds = ("added", "removed", "changed")
-    rows = [[name, *[str(c[k]) for k in kinds]] for name, c in changes["per_class"].items()]
+    rows = [
+        [md_text(name), *[str(c[k]) for k in kinds]] for name, c in changes["per_class"].items()
+    ]
     rows.append(["total", *[str(changes["total"][k]) for k in kinds]])
     return [
         f"## Data changes since the champion (v{changes['since_version']})",
-        f"Compared with the champion's data (DVC md5 `{changes.get('since_data_md5')}`); "
+        f"Compared with the champion's data (DVC md5 {md_code(changes.get('since_data_md5'))}); "
         "changed = same path with other content, or an image moved to another class.",
         "",
         *_table(["class", *kinds], rows),
@@ -96,7 +126,7 @@ def _metrics_section(metrics: dict) -> list[str]:
         for name in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "pr_auc")
     ]
     per_class = [
-        [name, _num(v["precision"]), _num(v["recall"]), _num(v["f1"]), str(v["support"])]
+        [md_text(name), _num(v["precision"]), _num(v["recall"]), _num(v["f1"]), str(v["support"])]
         for name, v in metrics["per_class"].items()
     ]
     return [
@@ -112,7 +142,7 @@ def _metrics_section(metrics: dict) -> list[str]:
 def _slices_section(metrics: dict) -> list[str]:
     rows = [
         [
-            f"{column}={value}",
+            md_text(f"{column}={value}"),
             str(v["n"]),
             _num(v["accuracy"]),
             _num(v["balanced_accuracy"]),
@@ -132,10 +162,11 @@ def _slices_section(metrics: dict) -> list[str]:
 def _confusion_section(metrics: dict) -> list[str]:
     classes = metrics["classes"]
     rows = [
-        [f"true {name}", *map(str, counts)]
+        [md_text(f"true {name}"), *map(str, counts)]
         for name, counts in zip(classes, metrics["confusion_matrix"], strict=True)
     ]
-    return ["## Confusion matrix", *_table(["", *[f"pred {c}" for c in classes]], rows)]
+    header = ["", *[md_text(f"pred {name}") for name in classes]]
+    return ["## Confusion matrix", *_table(header, rows)]
 
 
 def _calibration_section(metrics: dict) -> list[str]:
@@ -166,23 +197,27 @@ def render_model_card(
     backbone = lineage.get("backbone", "unknown")
     dirty = " (uncommitted changes)" if lineage.get("git_dirty") == "true" else ""
     lines = [
-        f"# {model_name} v{version}",
+        f"# {md_text(model_name)} v{md_text(version)}",
         "",
-        f"Frozen **{backbone}** body + trained **{head.get('type', '?')}** head "
-        f"(C={head.get('C')}), exported to ONNX. MLflow run `{run_id}`.",
+        f"Frozen **{md_text(backbone)}** body + trained **{md_text(head.get('type', '?'))}** head "
+        f"(C={md_text(head.get('C'))}), exported to ONNX. MLflow run {md_code(run_id)}.",
         "",
         "## Model",
-        f"- backbone: `{backbone}`, weights sha256 `{lineage.get('weights_sha256', '?')[:16]}`",
+        f"- backbone: {md_code(backbone)}, weights sha256 "
+        f"{md_code(lineage.get('weights_sha256', '?')[:16])}",
         *(
-            [f"- ensemble (features concatenated after the backbone's): {lineage['ensemble']}"]
+            [
+                "- ensemble (features concatenated after the backbone's): "
+                + md_text(lineage["ensemble"])
+            ]
             if lineage.get("ensemble")
             else []
         ),
         f"- backbone licence: {backbone_license(backbone)}",
-        f"- feature-cache key: `{lineage.get('feature_cache_key')}`",
-        f"- code: git `{lineage.get('git_commit', 'unknown')[:12]}`{dirty}",
-        f"- DVC experiment: `{lineage.get('dvc_experiment')}`; Prefect flow run: "
-        f"`{lineage.get('prefect_flow_run_id') or 'none'}`",
+        f"- feature-cache key: {md_code(lineage.get('feature_cache_key'))}",
+        f"- code: git {md_code(lineage.get('git_commit', 'unknown')[:12])}{dirty}",
+        f"- DVC experiment: {md_code(lineage.get('dvc_experiment'))}; Prefect flow run: "
+        f"{md_code(lineage.get('prefect_flow_run_id') or 'none')}",
         "",
         *_data_section(lineage, validation),
         "",

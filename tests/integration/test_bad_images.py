@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -36,7 +38,9 @@ SKIPPED = {
     "broken symlink": ("dangling.png", "broken symlink"),
     "symlink loop (both ends)": ("loop_a.png", "symlink loop"),
     "symlink loop (other end)": ("loop_b.png", "symlink loop"),
+    "image-named link to a secret": ("credentials.png", "not an image file"),
 }
+SECRET = "aws_secret_access_key = do-not-upload"
 ACCEPTED = {
     "CMYK JPEG": "cmyk.jpg",
     "16-bit PNG": "gray16.png",
@@ -73,6 +77,26 @@ def _png_claiming_size(width: int, height: int) -> bytes:
     return bytes(blob)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def write_png16_zeros(path: Path, side: int) -> None:
+    """A real ``side`` x ``side`` 16-bit greyscale PNG of zeros, deflated row by row, so the
+    test never holds the 512 MiB of pixels it describes (about 0.5 MB on disk at 16384)."""
+    deflate = zlib.compressobj(9)
+    row = bytes(1 + 2 * side)  # filter byte 0, then 16-bit zeros
+    idat = b"".join([*(deflate.compress(row) for _ in range(side)), deflate.flush()])
+    header = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
 def exif_rotated_jpeg() -> bytes:
     """60x30 stored pixels, left half red, right half blue, EXIF orientation 6 (rotate 90 CW)."""
     image = Image.new("RGB", (60, 30), (255, 0, 0))
@@ -94,6 +118,8 @@ def _write_special_files(cat: Path, outside: Path) -> None:
     (cat / "dangling.png").symlink_to(outside / "missing.png")
     (cat / "loop_a.png").symlink_to(cat / "loop_b.png")
     (cat / "loop_b.png").symlink_to(cat / "loop_a.png")
+    (outside / "credentials").write_text(f"[default]\n{SECRET}\n")
+    (cat / "credentials.png").symlink_to(outside / "credentials")
     (cat / "cmyk.jpg").write_bytes(_encoded(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"))
     gradient = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 4).astype(np.uint16)
     Image.fromarray(gradient).save(cat / "gray16.png")  # uint16 -> mode I;16
@@ -192,6 +218,24 @@ def test_skip_mode_continues_and_lists_every_unreadable_file(skip_run):
     assert "Traceback" not in skip_run["prepare"].output
 
 
+def test_ingest_copies_nothing_that_is_not_an_image(skip_run):
+    raw = skip_run["work"] / "data/raw"
+    copied = {p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()}
+    assert "cat/credentials.png" not in copied and "cat/notes.txt" not in copied
+    assert not any(SECRET.encode() in (raw / name).read_bytes() for name in copied)
+
+
+def test_a_source_that_is_the_workspace_is_refused_with_one_line(tmp_path, monkeypatch):
+    make_source(tmp_path)
+    write_params(tmp_path, tmp_path)  # data.source: the project folder itself
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("ingest")
+    assert result.exit_code == 1
+    (line,) = error_lines(result.output)
+    assert "is the workspace" in line and "data.source" in line
+    assert not (tmp_path / "data" / "raw").exists()
+
+
 def test_skip_mode_accepts_odd_but_valid_images_and_ignores_hidden_files(skip_run):
     paths = {row["path"] for row in skip_run["manifest"]}
     for name in ACCEPTED.values():
@@ -222,8 +266,9 @@ def test_fail_mode_stops_with_one_message_naming_the_files(tmp_path, monkeypatch
     lines = error_lines(result.output)
     assert f"{len(SKIPPED)} unreadable file(s)" in lines[0]
     assert "data.on_bad_image is 'fail'" in lines[0]
-    for name, _ in sorted(SKIPPED.values())[:10]:
-        assert f"cat/{name}" in lines[0]
+    named = [name for name, _ in SKIPPED.values() if f"cat/{name}" in lines[0]]
+    assert len(named) == min(10, len(SKIPPED)), named  # the first ten, then how many more
+    assert len(SKIPPED) <= 10 or f"(and {len(SKIPPED) - 10} more)" in lines[0]
     assert not (tmp_path / "data/prepared/manifest.csv").exists()
 
 
@@ -341,6 +386,32 @@ class TestDecodedPixels:
         Image.fromarray(np.linspace(0, 4000, 256).astype(np.uint16).reshape(16, 16)).save(path)
         pixels = np.asarray(open_rgb(path))[..., 0]
         assert pixels.max() == 255 and len(np.unique(pixels)) > 200  # gradient kept
+
+    def test_a_16k_16_bit_png_decodes_in_bounded_memory(self, tmp_path):
+        """16384 x 16384 x 16 bits of zeros: 512 MiB decoded from 0.5 MB. The whole-image float64
+        copy the 16-bit scaling used to make peaked at 5.4 GiB here; decode and pixel hash (what
+        prepare does) now stay within the RGB result PIL must hold plus 512 MiB."""
+        side = 16_384
+        path = tmp_path / "zeros16.png"
+        write_png16_zeros(path, side)
+        assert path.stat().st_size < 1_000_000
+        child = (
+            "import json, resource, sys\n"
+            "from headswap.data import pixels_sha256\n"
+            "from headswap.imaging import open_rgb\n"
+            "image = open_rgb(sys.argv[1])\n"
+            "pixels_sha256(image)\n"
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            "print(json.dumps([image.mode, image.size, image.getextrema(), peak]))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", child, str(path)], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        mode, size, extrema, peak = json.loads(done.stdout.splitlines()[-1])
+        assert (mode, size, extrema) == ("RGB", [side, side], [[0, 0]] * 3)
+        rgb_in_pil = 4 * side * side  # PIL keeps RGB as 4 bytes a pixel
+        assert peak < rgb_in_pil + 512 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
     def test_transparent_pixels_become_white(self, tmp_path):
         path = tmp_path / "rgba.png"

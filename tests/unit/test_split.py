@@ -219,3 +219,25 @@ def test_an_empty_val_split_trains_with_temperature_1_and_threshold_0_5(head_typ
 def test_positive_class_goes_last_for_binary_tasks():
     assert class_order({"defective", "functional"}, "defective") == ["functional", "defective"]
     assert class_order({"cat", "dog", "fox"}, "dog") == ["cat", "dog", "fox"]
+
+
+def test_16_bit_images_keep_their_pixels_hash_and_split_under_banded_decoding(tmp_path):
+    """The 16-bit path scales a band of rows at a time (bounded memory); each 8-bit value, hence
+    the pixel hash and the split, must equal the whole-image float64 formula it replaced."""
+    from headswap.data import pixels_sha256
+    from headswap.imaging import DECODE_BAND_PIXELS, open_rgb
+
+    side = 3000  # several bands of DECODE_BAND_PIXELS, the last one short
+    assert side * side > 2 * DECODE_BAND_PIXELS
+    rng = np.random.default_rng(16)
+    values = rng.integers(0, 3001, (side, side)).astype(np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(values).save(path)
+    expected = (values.astype(np.float64) * (255.0 / float(values.max()))).astype(np.uint8)
+    whole = Image.fromarray(expected).convert("RGB")
+    decoded = open_rgb(path)
+    assert np.array_equal(np.asarray(decoded), np.asarray(whole))
+    assert pixels_sha256(decoded) == pixels_sha256(whole)
+    digest = hashlib.sha256(f"RGB:{side}x{side}:".encode())
+    digest.update(whole.tobytes())
+    assert pixels_sha256(decoded) == digest.hexdigest()  # banded hashing: the same bytes
