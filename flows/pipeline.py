@@ -31,8 +31,10 @@ STAGE_TITLES = {
     "export": "export: ONNX model + parity check",
     "register": "register: MLflow run and model version",
 }
-# Stages that talk to a server or the network get retries; compute stages fail fast.
-RETRIED_STAGES = {"register": 3}
+# Stage -> Prefect task retries. None: compute stages fail fast, and `register`'s MLflow calls
+# retry inside MLflow's HTTP client already (registry.HTTP_RETRY_POLICY); a task retry on top
+# would multiply the wait for a tracking server that is down (it did: over 7 minutes of silence).
+RETRIED_STAGES: dict[str, int] = {}
 
 
 @task(name="dvc stage", task_run_name="{stage}")
@@ -61,21 +63,22 @@ def save_experiment(name: str, message: str) -> str:
     return workspace.experiment_rev(name)
 
 
+# No task retries on the MLflow tasks: MLflow's HTTP client retries (registry.HTTP_RETRY_POLICY).
 @task(
     name="link MLflow run",
     task_run_name="link MLflow run to the DVC experiment",
-    retries=3,
-    retry_delay_seconds=5,
 )
 def link_mlflow_run(result: dict, links: dict[str, str]) -> None:
+    from headswap.registry import apply_http_retry_policy
+
+    # This process makes its own MLflow client here: the same one retry policy applies to it.
+    apply_http_retry_policy(result["tracking_uri"])
     summaries.tag_mlflow_run(result, links)
 
 
 @task(
     name="read aliases",
     task_run_name="read the model version's aliases from the tracking store",
-    retries=3,
-    retry_delay_seconds=5,
 )
 def read_aliases(result: dict) -> list[str]:
     return summaries.live_aliases(result)

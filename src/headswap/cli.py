@@ -248,6 +248,8 @@ def promote(
         split=config.data.split,
         allow_split_conflict=allow_split_conflict,
     )
+    if outcome.note:
+        console.print(f"[yellow]note:[/] {outcome.note}", highlight=False, soft_wrap=True)
     if outcome.comparison is not None:
         _print_comparison(outcome.comparison)
     colour = "green" if outcome.promoted else "yellow"
@@ -285,16 +287,24 @@ def _print_comparison(comparison) -> None:
 @app.command()
 @friendly_errors
 def history(params: ParamsOption = Path("params.yaml")) -> None:
-    """List the promotion audit history (who moved @champion, when, why, and the gate's result)."""
+    """List the promotion audit history (who moved @champion, when, why, and the gate's result).
+
+    Moves of @champion made outside headswap (the MLflow UI's alias pencil) show as out-of-band
+    rows, with the window in which they happened as far as the registry can tell.
+    """
     from rich.table import Table
 
-    from headswap.promotion import history as read
+    from headswap.promotion import audit_view
 
     config = _params(params).registry
+    view = audit_view(config)
     table = Table(title=f"{config.model_name}: promotion history")
     for column in ("#", "time (UTC)", "action", "outcome", "from", "to", "user", "reason", "gate"):
         table.add_column(column)
-    for entry in read(config):
+    moves = {move.position: move for move in view.out_of_band}
+    for position, entry in enumerate(view.entries):
+        if position in moves:
+            table.add_row(*_out_of_band_row(moves[position]), style="yellow")
         table.add_row(
             str(entry["seq"]),
             entry["time"],
@@ -306,7 +316,29 @@ def history(params: ParamsOption = Path("params.yaml")) -> None:
             entry["reason"],
             _audit_verdict(entry),
         )
+    if len(view.entries) in moves:
+        table.add_row(*_out_of_band_row(moves[len(view.entries)]), style="yellow")
     _wide_console().print(table)
+    if view.warning:
+        console.print(f"[yellow]warning:[/] {view.warning}", highlight=False, soft_wrap=True)
+
+
+def _out_of_band_row(move) -> list[str]:
+    """A history row for a move of @champion that no audit entry records."""
+    window = f"after {move.after or 'the start'}" + (
+        f", before {move.before}" if move.before else ""
+    )
+    return [
+        "-",
+        window,
+        "alias moved outside headswap",
+        "out-of-band",
+        f"v{move.old}" if move.old else "-",
+        f"v{move.new}" if move.new else "(alias removed)",
+        "?",
+        "not audited (e.g. the MLflow UI's alias pencil); MLflow records no time for it",
+        "never gated",
+    ]
 
 
 def _audit_verdict(entry: dict) -> str:

@@ -15,17 +15,22 @@ checks that, and the split settings, labels and class lists; a conflict refuses 
 unless a person allows it (``allow_split_conflict``, with a reason; audited).
 
 Every decision (promoted, refused, rolled back, first champion) is appended to an audit history
-kept as registered-model tags ``headswap.audit.<seq>`` (JSON), visible in the MLflow UI.
+kept as registered-model tags ``headswap.audit.<seq>`` (JSON), visible in the MLflow UI. A
+champion moved outside headswap (the MLflow UI's alias pencil) is recognised: ``audit_view``
+shows such moves between audited ones, and ``promote`` gates against the champion as it is now.
 
 Concurrency. Reading the champion, scoring, moving the alias and appending the audit entry happen
 inside one critical section guarded by a lock that lives in MLflow itself, so it holds across
 machines that share a tracking server: the lock is a registered model named
-``<model>.promotion-lock``. Creating a registered model is atomic in every MLflow backend (a
-unique name constraint; the second create fails with RESOURCE_ALREADY_EXISTS), and deleting it
-releases the lock. A second promotion therefore waits (``registry.lock_wait_s``), then re-reads the
-champion and compares against *that*, so two promotions can never both compare against the same
-old champion (no lost update), and audit sequence numbers are unique. A lock whose holder died is
-broken after ``registry.lock_stale_s``.
+``<model>.promotion-lock``, created atomically (a unique name: the second create fails with
+RESOURCE_ALREADY_EXISTS). A second promotion waits (``registry.lock_wait_s``), then re-reads the
+champion and compares against *that*, so two promotions never both compare against the same old
+champion. The holder renews a heartbeat on the lock while it scores; a waiter breaks the lock
+only after its heartbeat stopped for ``registry.lock_stale_s``, however long the promotion runs.
+Breaking is a compare-and-delete (``remove_lock``), and every write a promotion makes is fenced
+by its lock's token (``HeldLock.require``), so a promoter whose lock was broken moves nothing.
+Audit sequence numbers are claimed by creating ``<model>.audit-seq.<seq>`` (``claim_seq``), so
+they are unique even between writers the lock failed to keep apart.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ import json
 import os
 import random
 import socket
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,11 +63,19 @@ from headswap.registry import (
     content_column,
     split_tags,
     test_fingerprint,
+    tracking_call,
+    tracking_error,
     tracking_uri,
+    unreachable_reason,
 )
 
 AUDIT_PREFIX = "headswap.audit."
 LOCK_SUFFIX = ".promotion-lock"
+ASIDE_INFIX = ".removing-"  # <lock>.removing-<token>: where remove_lock moves a lock to look at it
+SEQ_INFIX = ".audit-seq."  # <model>.audit-seq.<seq>: held while audit entry <seq> is written
+SEQ_DESCRIPTION = "Claims one headswap audit sequence number while its entry is written."
+MAX_SEQ_PROBES = 1000
+HEARTBEAT_MAX_S = 10.0
 MAX_TAG_CHARS = (
     5000  # registered-model tag values are a 5000-character column in MLflow's SQL stores
 )
@@ -468,7 +483,20 @@ def new_test_images(manifest: list[dict] | None, current_rows: list[dict]) -> in
     return sum(1 for row in current_rows if row["split"] == "test" and row[key] not in seen)
 
 
-# --- the lock and the audit history --------------------------------------------------------
+# --- the lock -------------------------------------------------------------------------------
+#
+# MLflow has no compare-and-set, so the lock is built from the two atomic operations every store
+# has: creating a registered model (a unique name) and renaming one (the row moves, or the call
+# fails). The holder renews a heartbeat while it works; a waiter judges staleness from that
+# heartbeat, not from anyone's start time; breaking moves the lock aside by rename and deletes it
+# only if what moved is the lock judged stale. A holder that lost its lock anyway (it paused for
+# longer than registry.lock_stale_s) is stopped by the fence: every write it makes is preceded by
+# a check that the lock still holds its token, and an alias it moved is moved back if the lock
+# turns out lost right after.
+
+
+class PromotionLockLostError(PromotionError):
+    """This promotion's lock was broken (it looked stale) before it could finish its writes."""
 
 
 def client():
@@ -489,89 +517,321 @@ def _already_exists(error: Exception) -> bool:
     )
 
 
-def _try_lock(mlflow_client, lock: str, token: str) -> bool:
+def _name_taken(error: Exception) -> bool:
+    """True when creating a registered model failed because the name is (or just was) taken.
+
+    MLflow's SQL store answers a duplicate name by reading the existing model; if its holder
+    deleted it in between, that read fails with "not found": the name was taken a moment ago.
+    sqlite may also be busy with another writer ("locked"). Either way: try again later.
+    """
+    from headswap.registry import _is_missing
+
+    if unreachable_reason(error) is not None:
+        return False
+    return _already_exists(error) or _is_missing(error) or "locked" in str(error).lower()
+
+
+def heartbeat_interval(stale_s: float) -> float:
+    """How often a holder renews its lock: several beats fit in ``stale_s``, at most 10 s apart."""
+    return max(0.2, min(HEARTBEAT_MAX_S, stale_s / 6))
+
+
+@dataclass(frozen=True)
+class LockState:
+    """What the lock model says: whose it is and when its holder last renewed it.
+
+    Attributes:
+        token: the holder's unique id for this hold.
+        beat: the heartbeat tag, rewritten by the holder every ``interval_s``.
+        updated_ms: the store's own time of the lock's last update (its last heartbeat).
+        interval_s: the holder's heartbeat interval (0 for a lock from before heartbeats).
+    """
+
+    token: str
+    holder: str
+    beat: str
+    updated_ms: int
+    interval_s: float
+
+
+def read_lock(mlflow_client, lock: str) -> LockState | None:
+    """The lock's state, or None when nobody holds it."""
+    from headswap.registry import _is_missing
+
+    try:
+        model = mlflow_client.get_registered_model(lock)
+    except Exception as error:  # noqa: BLE001 - RestException / MlflowException
+        if _is_missing(error) and unreachable_reason(error) is None:
+            return None
+        raise tracking_error(error, f"reading the promotion lock {lock}") from None
+    tags = dict(model.tags)
+    return LockState(
+        tags.get("token", ""),
+        tags.get("holder", "unknown"),
+        tags.get("heartbeat", ""),
+        int(model.last_updated_timestamp or 0),
+        float(tags.get("heartbeat_s") or 0),
+    )
+
+
+@dataclass
+class StalenessWatch:
+    """A waiter's view of someone else's lock: stale once its heartbeat has stopped.
+
+    Stale when the waiter itself has watched the lock not change for ``stale_s`` (its own
+    monotonic clock: no two clocks compared), or, sooner, when it has watched it not change for
+    three of the holder's heartbeat intervals and the store's time of the last heartbeat is
+    ``stale_s`` older than the waiter's clock (a lock left by a process long dead). A holder that
+    is alive renews within one interval, so clock skew alone never makes its lock look stale.
+    """
+
+    stale_s: float
+    seen: tuple | None = None
+    since: float = 0.0
+
+    def is_stale(self, state: LockState, wall_s: float, monotonic_s: float) -> bool:
+        key = (state.token, state.beat, state.updated_ms)
+        if key != self.seen:
+            self.seen, self.since = key, monotonic_s
+            return False
+        watched = monotonic_s - self.since
+        interval = state.interval_s or heartbeat_interval(self.stale_s)
+        age = wall_s - state.updated_ms / 1000
+        return watched >= self.stale_s or (watched >= 3 * interval and age >= self.stale_s)
+
+
+def _try_lock(mlflow_client, lock: str, token: str, interval_s: float) -> bool:
     """One atomic attempt: create the lock model; False if someone else holds it."""
     try:
         mlflow_client.create_registered_model(
             lock,
             tags={
                 "token": token,
-                "holder": f"{current_user()}@{socket.gethostname()}",
-                "acquired": str(time.time()),
+                "holder": f"{current_user()}@{socket.gethostname()} pid {os.getpid()}",
+                "acquired": datetime.now(UTC).isoformat(timespec="seconds"),
+                "heartbeat": "0",
+                "heartbeat_s": f"{interval_s:g}",
             },
             description="Held while a headswap promotion runs; deleted when it ends.",
         )
         return True
     except Exception as error:  # noqa: BLE001 - MLflow raises many types
-        if _already_exists(error) or "locked" in str(error).lower():
-            return False  # held, or sqlite busy with a concurrent writer: wait and retry
-        raise RegistryError(
-            f"cannot take the promotion lock {lock} at {tracking_uri()}: {error}"
-        ) from None
+        if _name_taken(error):
+            return False  # held: wait, and watch its heartbeat
+        raise tracking_error(error, f"taking the promotion lock {lock}") from None
 
 
-def _holder(mlflow_client, lock: str) -> dict[str, str]:
+def remove_lock(mlflow_client, lock: str, token: str, by: str) -> bool:
+    """Compare-and-delete: remove the lock only if it holds ``token``; True if it did.
+
+    The lock is renamed aside to a name only this caller uses (atomic: what is renamed is
+    whatever holds the name at that instant), then what moved is read. It is deleted if it is
+    the lock meant; otherwise (released and taken again meanwhile) it is renamed back, and if
+    the name was taken yet again in between, its holder's fence stops it.
+    """
+    aside = f"{lock}{ASIDE_INFIX}{by}"
     try:
-        return dict(mlflow_client.get_registered_model(lock).tags)
-    except Exception:  # noqa: BLE001 - released between our create and this read
-        return {}
+        mlflow_client.rename_registered_model(lock, aside)
+    except Exception as error:  # noqa: BLE001 - released meanwhile: nothing to remove
+        if unreachable_reason(error) is not None:
+            raise tracking_error(error, f"removing the promotion lock {lock}") from None
+        return False
+    moved = read_lock(mlflow_client, aside)
+    if moved is not None and moved.token == token:
+        mlflow_client.delete_registered_model(aside)
+        return True
+    try:
+        mlflow_client.rename_registered_model(aside, lock)
+    except Exception:  # noqa: BLE001 - the name was taken again: that holder keeps it
+        mlflow_client.delete_registered_model(aside)
+    return False
 
 
-def _break_if_stale(mlflow_client, lock: str, stale_s: float) -> None:
-    holder = _holder(mlflow_client, lock)
-    stale = bool(holder) and time.time() - float(holder.get("acquired", "inf")) > stale_s
-    # Re-read just before deleting so we only ever delete the stale holder's lock.
-    if stale and _holder(mlflow_client, lock).get("token") == holder.get("token"):
-        with contextlib.suppress(Exception):
-            mlflow_client.delete_registered_model(lock)
+class Heartbeat:
+    """A thread that renews the lock every ``interval_s`` while its holder works.
+
+    Each beat checks the token first, so it never renews a lock that is no longer ours, and
+    records the loss (``lost``) for the fence. It rewrites the ``heartbeat`` tag and the lock's
+    description; the latter makes the store stamp its own time on the lock.
+    """
+
+    def __init__(self, mlflow_client, lock: str, token: str, interval_s: float):
+        self.client, self.lock, self.token, self.interval_s = mlflow_client, lock, token, interval_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat {lock}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def _run(self) -> None:
+        beat = 0
+        while not self._stop.wait(self.interval_s):
+            beat += 1
+            try:
+                self.beat(beat)
+            except Exception:  # noqa: BLE001, S112 - a missed beat; stale_s spans several
+                continue
+            if self.lost:
+                return
+
+    def beat(self, beat: int) -> None:
+        """One renewal (or, if the lock is no longer ours, the note that it was lost)."""
+        state = read_lock(self.client, self.lock)
+        if state is None or state.token != self.token:
+            self.lost = True
+            return
+        self.client.set_registered_model_tag(self.lock, "heartbeat", f"{beat} {time.time():.3f}")
+        self.client.update_registered_model(
+            self.lock, description=f"Held by a headswap promotion; heartbeat {beat}."
+        )
+
+
+@dataclass
+class HeldLock:
+    """The promotion lock while we hold it: the fence every write of the promotion goes through."""
+
+    client: object
+    lock: str
+    token: str
+    heartbeat: Heartbeat
+
+    def require(self, doing: str) -> None:
+        """Raise unless the lock still holds our token; call right before each write.
+
+        Raises:
+            PromotionLockLostError: the lock was broken (and perhaps taken by another promotion).
+        """
+        state = read_lock(self.client, self.lock)
+        if self.heartbeat.lost or state is None or state.token != self.token:
+            now = "nobody" if state is None else state.holder
+            raise PromotionLockLostError(
+                f"the promotion lock {self.lock} was broken while this promotion ran (it looked "
+                f"stale: no heartbeat for registry.lock_stale_s; held now by {now}), so it did "
+                f"not go on {doing}; nothing was moved by it. Run the command again."
+            )
 
 
 @contextlib.contextmanager
-def promotion_lock(mlflow_client, registry: RegistryConfig) -> Iterator[str]:
-    """Hold ``<model>.promotion-lock`` for the block; wait up to ``registry.lock_wait_s``."""
+def promotion_lock(mlflow_client, registry: RegistryConfig) -> Iterator[HeldLock]:
+    """Hold ``<model>.promotion-lock`` for the block, renewed by a heartbeat.
+
+    Waits up to ``registry.lock_wait_s``; a lock whose heartbeat stopped for
+    ``registry.lock_stale_s`` is broken on the way (``StalenessWatch``, ``remove_lock``).
+    """
     lock, token = f"{registry.model_name}{LOCK_SUFFIX}", uuid.uuid4().hex
+    interval = heartbeat_interval(registry.lock_stale_s)
+    _acquire(mlflow_client, registry, lock, token, interval)
+    held = HeldLock(mlflow_client, lock, token, Heartbeat(mlflow_client, lock, token, interval))
+    held.heartbeat.start()
+    try:
+        yield held
+    finally:
+        held.heartbeat.stop()
+        # Only our own lock is released: had ours been broken, the lock is someone else's.
+        with contextlib.suppress(Exception):
+            remove_lock(mlflow_client, lock, token, by=token)
+
+
+def _acquire(mlflow_client, registry: RegistryConfig, lock: str, token: str, interval: float):
     deadline = time.monotonic() + registry.lock_wait_s
-    while not _try_lock(mlflow_client, lock, token):
-        _break_if_stale(mlflow_client, lock, registry.lock_stale_s)
+    watch = StalenessWatch(registry.lock_stale_s)
+    while not _try_lock(mlflow_client, lock, token, interval):
+        state = read_lock(mlflow_client, lock)
+        if state is not None and watch.is_stale(state, time.time(), time.monotonic()):
+            if remove_lock(mlflow_client, lock, state.token, by=token):
+                print(
+                    f"broke the promotion lock {lock} of {state.holder}: its heartbeat stopped "
+                    f"for registry.lock_stale_s={registry.lock_stale_s:g}s",
+                    file=sys.stderr,
+                )
+            continue
         if time.monotonic() > deadline:
-            holder = _holder(mlflow_client, lock)
+            holder = "unknown" if state is None else state.holder
             raise PromotionLockedError(
-                f"another promotion of {registry.model_name} ({holder.get('holder', 'unknown')}) "
-                f"holds the lock {lock}; waited {registry.lock_wait_s:g}s. Try again when it "
-                f"ends (a lock older than registry.lock_stale_s={registry.lock_stale_s:g}s is "
-                "broken automatically)."
+                f"another promotion of {registry.model_name} ({holder}) holds the lock {lock}; "
+                f"waited registry.lock_wait_s={registry.lock_wait_s:g}s. Try again when it ends "
+                f"(a lock whose heartbeat stops for registry.lock_stale_s="
+                f"{registry.lock_stale_s:g}s is broken automatically)."
             )
         time.sleep(0.2 + random.random() * 0.5)
-    try:
-        yield token
-    finally:
-        # Only release our own lock: had ours been broken as stale, the lock is someone else's.
-        if _holder(mlflow_client, lock).get("token") == token:
-            with contextlib.suppress(Exception):
-                mlflow_client.delete_registered_model(lock)
+
+
+# --- the audit history ----------------------------------------------------------------------
 
 
 def read_history(mlflow_client, name: str) -> list[dict]:
     """Every audit entry of model ``name``, oldest first."""
-    from headswap.registry import with_retries
-
-    model = with_retries(lambda: mlflow_client.get_registered_model(name), "reading the model")
+    model = tracking_call(lambda: mlflow_client.get_registered_model(name), "reading the model")
     entries = [
         json.loads(value) for key, value in model.tags.items() if key.startswith(AUDIT_PREFIX)
     ]
     return sorted(entries, key=lambda entry: entry["seq"])
 
 
-def append_audit(mlflow_client, name: str, entry: dict) -> dict:
-    """Add ``entry`` with the next sequence number; call only while holding the lock."""
+def _audit_key(seq: int) -> str:
+    return f"{AUDIT_PREFIX}{seq:06d}"
+
+
+def claim_seq(mlflow_client, name: str) -> tuple[int, str]:
+    """Claim the next free audit sequence number; returns it and the claim to release.
+
+    A number is claimed by creating the registered model ``<name>.audit-seq.<seq>``: creation
+    is atomic, so two writers never hold one number, lock or no lock. The claim is kept until
+    the entry is written, and a number whose entry exists already is passed over, so a number
+    whose claim was released is never reused either.
+    """
     history = read_history(mlflow_client, name)
-    entry = {"seq": (history[-1]["seq"] + 1) if history else 1, **entry}
-    text = json.dumps(entry, separators=(",", ":"))
-    if len(text) > MAX_TAG_CHARS and entry.get("gate"):
-        # Many classes: keep the verdict and the failed checks, drop the per-check values.
-        entry["gate"] = {k: v for k, v in entry["gate"].items() if k != "values"}
+    seq = history[-1]["seq"] + 1 if history else 1
+    for _ in range(MAX_SEQ_PROBES):
+        claim = f"{name}{SEQ_INFIX}{seq:06d}"
+        try:
+            mlflow_client.create_registered_model(claim, description=SEQ_DESCRIPTION)
+        except Exception as error:  # noqa: BLE001 - RestException / MlflowException
+            if not _name_taken(error):
+                raise tracking_error(error, f"claiming audit entry {seq} of {name}") from None
+            seq += 1
+            continue
+        tags = tracking_call(lambda: mlflow_client.get_registered_model(name).tags, "reading")
+        if _audit_key(seq) not in tags:
+            return seq, claim
+        _release_claim(mlflow_client, claim)
+        seq += 1
+    raise PromotionError(f"no free audit sequence number for {name} after {MAX_SEQ_PROBES} tries")
+
+
+def _release_claim(mlflow_client, claim: str) -> None:
+    # A claim left behind (a writer killed mid-write) costs only a skipped number.
+    with contextlib.suppress(Exception):
+        mlflow_client.delete_registered_model(claim)
+
+
+def append_audit(mlflow_client, name: str, entry: dict, held: HeldLock | None = None) -> dict:
+    """Add ``entry`` under a sequence number of its own (``claim_seq``); returns it with ``seq``.
+
+    With ``held``, the write is fenced: refused if the lock was lost meanwhile.
+    """
+    seq, claim = claim_seq(mlflow_client, name)
+    try:
+        entry = {"seq": seq, **entry}
         text = json.dumps(entry, separators=(",", ":"))
-    mlflow_client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{entry['seq']:06d}", text)
+        if len(text) > MAX_TAG_CHARS and entry.get("gate"):
+            # Many classes: keep the verdict and the failed checks, drop the per-check values.
+            entry["gate"] = {k: v for k, v in entry["gate"].items() if k != "values"}
+            text = json.dumps(entry, separators=(",", ":"))
+        if held is not None:
+            held.require(f"to write audit entry {seq}")
+        tracking_call(
+            lambda: mlflow_client.set_registered_model_tag(name, _audit_key(seq), text),
+            "writing the audit entry",
+        )
+    finally:
+        _release_claim(mlflow_client, claim)
     return entry
 
 
@@ -590,39 +850,44 @@ def _entry(
     }
 
 
-def _move_champion(mlflow_client, name: str, version: str) -> None:
+def _set_champion(mlflow_client, name: str, version: str | None) -> None:
+    if version is None:
+        mlflow_client.delete_registered_model_alias(name, CHAMPION)
+        return
     mlflow_client.set_registered_model_alias(name, CHAMPION, version)
     # Read back: the alias is the single source of truth, so the audit must match it.
     if alias_version(mlflow_client, name, CHAMPION) != version:
         raise RegistryError(f"moved {name}@{CHAMPION} to v{version}, but it reads back otherwise")
 
 
-def _move_and_record(mlflow_client, name: str, old: str, new: str, record: dict) -> dict:
-    """Move the alias and append its audit entry; undo the move if the entry cannot be written,
-    so the registry never shows a champion that the history does not explain."""
-    from headswap.registry import with_retries
+def _move_and_record(held: HeldLock, name: str, old: str | None, new: str, record: dict) -> dict:
+    """Move the alias and append its audit entry, both fenced by the lock.
 
-    _move_champion(mlflow_client, name, new)
+    If the lock turns out lost after the move, or the entry cannot be written, the move is
+    undone (when the alias still names ``new``: a promotion that took the lock since may have
+    moved it again), so the registry never shows a champion the history does not explain.
+    """
+    mlflow_client = held.client
+    held.require(f"to move {name}@{CHAMPION} to v{new}")
+    tracking_call(lambda: _set_champion(mlflow_client, name, new), f"moving {name}@{CHAMPION}")
     try:
-        return with_retries(lambda: append_audit(mlflow_client, name, record), "writing the audit")
+        held.require(f"to record the move to v{new}")
+        return append_audit(mlflow_client, name, record, held)
     except Exception:
         with contextlib.suppress(Exception):
-            mlflow_client.set_registered_model_alias(name, CHAMPION, old)
+            if alias_version(mlflow_client, name, CHAMPION) == new:
+                _set_champion(mlflow_client, name, old)
         raise
 
 
 def record_initial_champion(mlflow_client, registry: RegistryConfig, version: str) -> bool:
     """Make ``version`` champion if the model has none yet (its first version); audited."""
     name = registry.model_name
-    with promotion_lock(mlflow_client, registry):
+    with promotion_lock(mlflow_client, registry) as held:
         if alias_version(mlflow_client, name, CHAMPION):
             return False
-        _move_champion(mlflow_client, name, version)
-        append_audit(
-            mlflow_client,
-            name,
-            _entry("register", INITIAL, None, version, "first version of the model"),
-        )
+        record = _entry("register", INITIAL, None, version, "first version of the model")
+        _move_and_record(held, name, None, version, record)
         return True
 
 
@@ -637,13 +902,15 @@ class PromotionOutcome:
     message: str
     entry: dict = field(default_factory=dict)
     comparison: Comparison | None = None
+    note: str = ""  # e.g. the champion gated against was moved outside headswap
 
     def summary(self) -> str:
-        return self.message
+        return f"{self.note}\n{self.message}" if self.note else self.message
 
     def markdown(self) -> str:
         """The decision and the side-by-side table, for a Prefect artifact."""
         lines = [f"**{'PROMOTED' if self.promoted else 'NOT PROMOTED'}**: {self.message}", ""]
+        lines += [f"Note: {self.note}", ""] if self.note else []
         if self.comparison is not None:
             rows = self.comparison.table_rows()
             lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
@@ -661,12 +928,12 @@ class SplitReview:
 
 def _recorded_split(mlflow_client, name: str, version: str) -> tuple[dict, list[dict] | None]:
     """A version's tags and the manifest it was trained on (None if it recorded none)."""
-    from headswap.registry import version_manifest, with_retries
+    from headswap.registry import version_manifest
 
-    tags = with_retries(
+    tags = tracking_call(
         lambda: mlflow_client.get_model_version(name, version).tags, "reading the version"
     )
-    manifest = with_retries(
+    manifest = tracking_call(
         lambda: version_manifest(mlflow_client, name, version), "reading its data/manifest.csv"
     )
     return dict(tags), manifest
@@ -714,6 +981,9 @@ def promote_version(
 ) -> PromotionOutcome:
     """Gate ``version`` (default: the challenger) against the champion; move the alias if it passes.
 
+    The champion gated against is the one ``@champion`` names now, read under the lock, even if
+    it was moved by hand outside headswap (the outcome's ``note`` says so).
+
     Args:
         registry: the model and the gate's tolerances.
         files: the workspace manifest and images both versions are scored on.
@@ -725,12 +995,13 @@ def promote_version(
             (needs ``reason``; audited as an override).
 
     Raises:
-        PromotionError: nothing to promote, an override without a reason, or the lock stayed busy.
+        PromotionError: nothing to promote, an override without a reason, the lock stayed busy,
+            or the lock was lost before the promotion's writes (nothing moved then).
     """
     _require_reason(force, allow_split_conflict, reason)
     mlflow_client, name = client(), registry.model_name
     test_set = load_test_set(files)
-    with promotion_lock(mlflow_client, registry):
+    with promotion_lock(mlflow_client, registry) as held:
         champion = alias_version(mlflow_client, name, CHAMPION)
         challenger = (
             str(version) if version is not None else alias_version(mlflow_client, name, CHALLENGER)
@@ -741,52 +1012,69 @@ def promote_version(
         if champion == challenger:
             return PromotionOutcome(False, f"v{challenger} is already the champion: nothing to do")
         if champion is None:
-            _move_champion(mlflow_client, name, challenger)
-            entry = append_audit(
-                mlflow_client,
-                name,
-                _entry(
-                    "promote",
-                    PROMOTED,
-                    None,
-                    challenger,
-                    reason or "no champion to compare against",
-                ),
-            )
-            return PromotionOutcome(True, f"v{challenger} is champion (there was none)", entry)
+            return _first_champion(held, name, challenger, reason)
+        note = _out_of_band_note(mlflow_client, name)
         review = review_split(mlflow_client, name, champion, challenger, test_set, split)
         if review.conflicts and not allow_split_conflict:
-            return _refuse_split(mlflow_client, name, champion, challenger, reason, review)
-        overrides = Overrides(force, review.conflicts)
-        return _gate_and_move(
-            mlflow_client, registry, champion, challenger, test_set, overrides, reason, review
-        )
+            outcome = _refuse_split(held, name, champion, challenger, reason, review)
+        else:
+            overrides = Overrides(force, review.conflicts)
+            outcome = _gate_and_move(
+                held, registry, champion, challenger, test_set, overrides, reason, review
+            )
+        outcome.note = note
+        return outcome
+
+
+def _first_champion(held: HeldLock, name: str, challenger: str, reason: str) -> PromotionOutcome:
+    """No champion yet: the challenger becomes the first one, audited as such (not gated)."""
+    record = _entry(
+        "promote", INITIAL, None, challenger, reason or "no champion yet: nothing to gate against"
+    )
+    entry = _move_and_record(held, name, None, challenger, record)
+    return PromotionOutcome(
+        True,
+        f"no champion yet: v{challenger} becomes the first champion, nothing to gate against",
+        entry,
+    )
+
+
+def _out_of_band_note(mlflow_client, name: str) -> str:
+    """A line when the champion about to be gated against was moved outside headswap."""
+    from headswap.predict import out_of_band_champion
+
+    found = out_of_band_champion(mlflow_client, name)
+    if found is None:
+        return ""
+    return (
+        f"@champion v{found.current} was set outside headswap (no audited move made it "
+        "champion); the challenger is gated against it as it is now"
+    )
 
 
 def _require_version(mlflow_client, name: str, version: str) -> None:
     try:
         mlflow_client.get_model_version(name, version)
-    except Exception:  # noqa: BLE001 - RestException / MlflowException
+    except Exception as error:  # noqa: BLE001 - RestException / MlflowException
+        if unreachable_reason(error) is not None:
+            raise tracking_error(error, f"reading {name} v{version}") from None
         raise PromotionError(f"{name} has no version {version}") from None
 
 
 def _refuse_split(
-    mlflow_client, name: str, champion: str, challenger: str, reason: str, review: SplitReview
+    held: HeldLock, name: str, champion: str, challenger: str, reason: str, review: SplitReview
 ) -> PromotionOutcome:
     problem = "; ".join(review.conflicts)
-    entry = append_audit(
-        mlflow_client,
-        name,
-        _entry(
-            "promote",
-            REFUSED,
-            champion,
-            challenger,
-            reason,
-            refusal=f"split conflict: {problem}"[:1000],
-            forced=False,
-        ),
+    record = _entry(
+        "promote",
+        REFUSED,
+        champion,
+        challenger,
+        reason,
+        refusal=f"split conflict: {problem}"[:1000],
+        forced=False,
     )
+    entry = append_audit(held.client, name, record, held)
     return PromotionOutcome(
         False,
         f"refused: split conflict: {problem}. Pass --allow-split-conflict --reason TEXT to "
@@ -810,7 +1098,7 @@ class Overrides:
 
 
 def _gate_and_move(
-    mlflow_client,
+    held: HeldLock,
     registry: RegistryConfig,
     champion: str,
     challenger: str,
@@ -842,9 +1130,9 @@ def _gate_and_move(
         test_fingerprint=test_set.fingerprint,
     )
     if promoted:
-        entry = _move_and_record(mlflow_client, name, champion, challenger, record)
+        entry = _move_and_record(held, name, champion, challenger, record)
     else:
-        entry = append_audit(mlflow_client, name, record)
+        entry = append_audit(held.client, name, record, held)
     return PromotionOutcome(
         promoted, _decision(champion, challenger, comparison, taken), entry, comparison
     )
@@ -870,13 +1158,15 @@ def champion_stack(history: list[dict], current: str | None) -> list[str]:
     """The champions in order, replaying moves: promotions push, rollbacks pop.
 
     A champion set outside headswap (e.g. by moving the alias in the MLflow UI) is pushed too,
-    so a rollback returns to the last champion headswap knew about.
+    whether it is still champion or an audited move later replaced it (that move's
+    ``old_version``), so a rollback returns to the champion the last move replaced.
     """
     stack: list[str] = []
     for entry in history:
         if entry["outcome"] in (PROMOTED, INITIAL):
-            if not stack and entry.get("old_version"):
-                stack.append(entry["old_version"])
+            old = entry.get("old_version")
+            if old and (not stack or stack[-1] != old):
+                stack.append(old)
             stack.append(entry["new_version"])
         elif entry["outcome"] == ROLLED_BACK and stack:
             stack.pop()
@@ -889,10 +1179,10 @@ def rollback(registry: RegistryConfig, reason: str = "") -> dict:
     """Move ``champion`` back to the previous champion; returns the audit entry.
 
     Raises:
-        PromotionError: there is no earlier champion in the history.
+        PromotionError: there is no earlier champion in the history, or the lock was lost.
     """
     mlflow_client, name = client(), registry.model_name
-    with promotion_lock(mlflow_client, registry):
+    with promotion_lock(mlflow_client, registry) as held:
         current = alias_version(mlflow_client, name, CHAMPION)
         stack = champion_stack(read_history(mlflow_client, name), current)
         if len(stack) < 2:
@@ -903,7 +1193,105 @@ def rollback(registry: RegistryConfig, reason: str = "") -> dict:
         target = stack[-2]
         _require_version(mlflow_client, name, target)
         record = _entry("rollback", ROLLED_BACK, current, target, reason or "rollback")
-        return _move_and_record(mlflow_client, name, current, target, record)
+        return _move_and_record(held, name, current, target, record)
+
+
+# --- the history, and moves it does not record ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutOfBandMove:
+    """A move of ``@champion`` that no audit entry records (e.g. the MLflow UI's alias pencil).
+
+    MLflow stamps no time on an alias move, so when it happened is known only as a window:
+    after ``after`` (the audit entry before it, or the version's registration if later) and
+    before ``before`` (the audit entry that first shows it; None while it is the champion now).
+
+    Attributes:
+        position: how many audit entries precede it.
+    """
+
+    old: str | None
+    new: str | None  # None: the alias was removed
+    after: str | None
+    before: str | None
+    position: int
+
+
+def out_of_band_moves(
+    entries: list[dict], current: str | None, registered: dict[str, str] | None = None
+) -> list[OutOfBandMove]:
+    """The champion moves the audit chain implies but does not record.
+
+    Every entry's ``old_version`` is the champion when it was written, so an entry whose
+    ``old_version`` differs from the champion the entries before it leave shows a move made
+    outside headswap between the two; a ``current`` champion that differs from the last one
+    shows one since the last entry.
+
+    Args:
+        entries: the audit history, oldest first.
+        current: the version ``@champion`` names now (None: no champion).
+        registered: version -> when it was registered (ISO), to narrow the window.
+    """
+    registered = registered or {}
+    moves: list[OutOfBandMove] = []
+    expected: str | None = None  # the champion the entries so far leave
+    last_time: str | None = None
+    checkpoints = [(entry.get("old_version"), entry) for entry in entries] + [(current, None)]
+    for position, (seen, entry) in enumerate(checkpoints):
+        seen = None if seen is None else str(seen)
+        if seen != expected:
+            after = max(filter(None, (last_time, registered.get(seen or ""))), default=None)
+            before = None if entry is None else entry.get("time")
+            moves.append(OutOfBandMove(expected, seen, after, before, position))
+        if entry is not None:
+            expected = str(entry["new_version"]) if entry.get("outcome") in MOVES else seen
+            last_time = entry.get("time")
+    return moves
+
+
+def _registered_at(mlflow_client, name: str, versions: set[str]) -> dict[str, str]:
+    """When each version was registered (ISO, UTC), for the versions that still exist."""
+    times = {}
+    for version in versions:
+        try:
+            created = mlflow_client.get_model_version(name, version).creation_timestamp
+        except Exception as error:  # noqa: BLE001 - a deleted version: no time to add
+            if unreachable_reason(error) is not None:
+                raise tracking_error(error, f"reading {name} v{version}") from None
+            continue
+        stamp = datetime.fromtimestamp(created / 1000, UTC)
+        times[version] = stamp.isoformat(timespec="seconds")
+    return times
+
+
+@dataclass
+class AuditView:
+    """The audit history, the moves it does not record, and a warning about the champion now."""
+
+    entries: list[dict]
+    out_of_band: list[OutOfBandMove]
+    warning: str | None
+
+
+def audit_view(registry: RegistryConfig) -> AuditView:
+    """The audit history of ``registry.model_name`` with the out-of-band moves between entries.
+
+    ``warning`` is the one line ``predict`` also prints when the champion was never gated
+    (``predict.champion_provenance``).
+    """
+    from headswap.predict import champion_provenance
+
+    mlflow_client, name = client(), registry.model_name
+    entries = read_history(mlflow_client, name)
+    current = alias_version(mlflow_client, name, CHAMPION)
+    found = out_of_band_moves(entries, current)
+    times = _registered_at(mlflow_client, name, {m.new for m in found if m.new})
+    return AuditView(
+        entries,
+        out_of_band_moves(entries, current, times),
+        champion_provenance(mlflow_client, name) if current else None,
+    )
 
 
 def history(registry: RegistryConfig) -> list[dict]:

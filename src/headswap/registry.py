@@ -17,9 +17,10 @@ import getpass
 import hashlib
 import json
 import os
+import socket
 import subprocess
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -33,7 +34,6 @@ from headswap.errors import RegistryError
 from headswap.io import atomic_write_text, output_files
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-RETRY_DELAYS_S = (1, 2, 4, 8)
 MANIFEST_ARTIFACT = "data/manifest.csv"
 CHANGES_ARTIFACT = "data/changes.json"
 VALIDATION_ARTIFACT = "data/validation.json"
@@ -95,10 +95,16 @@ class Registration:
 
 
 def tracking_uri(project_root: Path = Path(".")) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the embedded sqlite store at the project root."""
-    return (
+    """``MLFLOW_TRACKING_URI`` if set, else the embedded sqlite store at the project root.
+
+    Every MLflow client headswap makes is made with this URI, so this is also where the one
+    retry policy for talking to it is put in force (``apply_http_retry_policy``).
+    """
+    uri = (
         os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
     )
+    apply_http_retry_policy(uri)
+    return uri
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -243,30 +249,150 @@ def lineage(
     }
 
 
-def with_retries(action, what: str):
-    """Run ``action``; on connection-type failures retry with backoff, then fail clearly."""
-    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
-        try:
-            return action()
-        except RegistryError:
-            raise
-        except Exception as error:  # noqa: BLE001 - MLflow raises many types for a dead server
-            if delay is None or not _is_transient(error):
-                raise RegistryError(
-                    f"{what} failed after {attempt} attempt(s) against {tracking_uri()}: {error}. "
-                    "Check that the MLflow server is running (or unset MLFLOW_TRACKING_URI to "
-                    "use the embedded store), then re-run; `dvc repro` will redo only this stage."
-                ) from None
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+# --- talking to the tracking store: one retry policy ---------------------------------------
+#
+# MLflow's HTTP client is the one layer that retries (urllib3's Retry: exponential backoff, and
+# a server's Retry-After is honoured). headswap adds no loop of its own and Prefect retries no
+# MLflow task, so the waits never multiply. With these defaults a tracking server that is not
+# listening fails a command after about a minute (waits of 0, 4, 8, 16 and 32 s, plus up to 1 s
+# of MLflow's jitter each), with a line per retry meanwhile. A user's own setting of any of these
+# variables wins.
+HTTP_RETRY_POLICY = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    # seconds per connect or read, not per request: a host that drops packets costs 6 x 20 s
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+REDO_STAGE = "re-run `dvc repro` (it redoes only this stage)"
+# What a person can do about a tracking store that does not answer.
+CHECK_SERVER = (
+    "Check that the server is running and reachable at that address (or unset "
+    "MLFLOW_TRACKING_URI to use the embedded store)"
+)
 
 
-def _is_transient(error: Exception) -> bool:
-    text = f"{type(error).__name__} {error}".lower()
-    return any(
-        word in text
-        for word in ("connection", "timeout", "temporarily", "max retries", "locked", "503", "502")
+def apply_http_retry_policy(uri: str) -> None:
+    """Give MLflow's HTTP client headswap's retry defaults (unless set) and retry progress lines.
+
+    Idempotent and cheap: ``tracking_uri`` calls it, and every headswap MLflow client is made
+    with that URI, so the policy is in force before any request is sent.
+    """
+    for key, value in HTTP_RETRY_POLICY.items():
+        os.environ.setdefault(key, value)
+    import logging
+
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    progress = next((f for f in pool_log.filters if isinstance(f, RetryProgress)), None)
+    if progress is None:
+        progress = RetryProgress()
+        pool_log.addFilter(progress)
+    progress.uri = uri
+
+
+class RetryProgress:
+    """A logging filter that turns urllib3's retry warning into one line a person can read.
+
+    urllib3 logs ``Retrying (Retry(...)) after connection broken by ...`` as each retry starts,
+    with the host in a dedicated ``extra`` field; the raw record is dropped, the line printed.
+    """
+
+    uri = ""
+
+    def filter(self, record) -> bool:
+        retry = getattr(record, "__urllib3-retry-warning", None)
+        args = record.args if isinstance(record.args, tuple) else ()
+        if retry is None or len(args) < 2 or not hasattr(args[0], "history"):
+            return True
+        attempt = len(args[0].history)
+        remaining = args[0].total if isinstance(args[0].total, int) else 0
+        host = retry.get("host", "?")
+        where = (
+            f"the MLflow tracking server at {self.uri}" if host == urlsplit_host(self.uri) else host
+        )
+        print(
+            f"waiting for {where} ({unreachable_reason(args[1]) or 'no answer'}): "
+            f"retry {attempt} of {attempt + remaining}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+
+
+def urlsplit_host(uri: str) -> str | None:
+    """The host name of ``uri`` (None for a sqlite path)."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(uri).hostname
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and what it wraps: causes, contexts and urllib3's ``reason``, without loops."""
+    seen: list[BaseException] = []
+    todo = [error]
+    while todo:
+        current = todo.pop()
+        if current is None or any(current is s for s in seen):
+            continue
+        seen.append(current)
+        reason = getattr(current, "reason", None)
+        todo += [current.__cause__, current.__context__]
+        todo += [reason] if isinstance(reason, BaseException) else []
+        todo += [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
+    return seen
+
+
+def unreachable_reason(error: BaseException) -> str | None:
+    """Why the tracking store did not answer (``connection refused``...), or None when the
+    failure is not about reaching it (the store answered, and said no)."""
+    import requests
+    import urllib3
+
+    causes = _causes(error)
+    for kind, reason in (
+        (ConnectionRefusedError, "connection refused"),
+        (socket.gaierror, "host name not found"),
+        (ConnectionResetError, "connection reset"),
+        (TimeoutError, "timed out"),
+        # urllib3 files a failed connect under its TimeoutError too: checked before it
+        (urllib3.exceptions.NewConnectionError, "cannot connect"),
+        (urllib3.exceptions.TimeoutError, "timed out"),
+        (urllib3.exceptions.ResponseError, "it answers with server errors"),
+        (requests.exceptions.RetryError, "it answers with server errors"),
+        (requests.exceptions.ConnectionError, "cannot connect"),
+    ):
+        if any(isinstance(cause, kind) for cause in causes):
+            return reason
+    return None
+
+
+def tracking_error(error: BaseException, what: str, then: str = "re-run") -> RegistryError:
+    """One line for a person: what failed, against which store, and what to check."""
+    uri = tracking_uri()
+    reason = unreachable_reason(error)
+    if reason is None:
+        text = " ".join(str(error).split())
+        return RegistryError(f"{what} failed against {uri}: {text[:400]}")
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+    return RegistryError(
+        f"{what}: the MLflow tracking server at {uri} did not answer ({reason}; gave up after "
+        f"{retries} retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES). {CHECK_SERVER}, then {then}."
     )
+
+
+def tracking_call(action: Callable, what: str, then: str = "re-run"):
+    """``action()``, with any failure as one RegistryError line (``tracking_error``).
+
+    It does not retry: MLflow's HTTP client already did (``HTTP_RETRY_POLICY``).
+    """
+    try:
+        return action()
+    except RegistryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - MLflow raises many types for one failure
+        raise tracking_error(error, what, then) from None
+
+
+with_retries = tracking_call  # the earlier name, kept for callers outside this module
 
 
 def gate_tags(parity_path: Path, validation: dict) -> dict[str, str]:
@@ -478,9 +604,10 @@ def reusable_registration(
         return None
     if recorded.get("tracking_uri") != uri or recorded.get("model_name") != name:
         return None
-    version = with_retries(
+    version = tracking_call(
         lambda: find_version(client, name, str(recorded.get("version"))),
         "reading the registered version",
+        REDO_STAGE,
     )
     if version is None or version.run_id != recorded.get("run_id"):
         return None
@@ -520,11 +647,15 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
     if reused is not None:
         return reused
     tags.update(gate_tags(files.parity, validation))
-    with_retries(
-        lambda: check_label_set(client, name, validation["classes"]), "checking the class list"
+    tracking_call(
+        lambda: check_label_set(client, name, validation["classes"]),
+        "checking the class list",
+        REDO_STAGE,
     )
-    changes = with_retries(
-        lambda: changes_since_champion(client, name, rows), "comparing with the champion's data"
+    changes = tracking_call(
+        lambda: changes_since_champion(client, name, rows),
+        "comparing with the champion's data",
+        REDO_STAGE,
     )
     registration = _register_new_version(params, files, tags, changes, client)
     atomic_write_text(out_path, registration.to_json())
@@ -537,11 +668,12 @@ def _register_new_version(
     name = params.registry.model_name
     metrics = json.loads(files.metrics.read_text())
     validation = json.loads(files.validation.read_text())
-    experiment_id = with_retries(
+    experiment_id = tracking_call(
         lambda: _ensure_experiment(client, params.registry.experiment, Path(".")),
         "create experiment",
+        REDO_STAGE,
     )
-    run_id, version = with_retries(
+    run_id, version = tracking_call(
         lambda: log_onnx_model(
             experiment_id,
             name,
@@ -550,14 +682,16 @@ def _register_new_version(
             lambda: _log_run_contents(params, files, metrics, validation, changes),
         ),
         "logging the MLflow run",
+        REDO_STAGE,
     )
     aliases = finish_registration(client, params.registry, version)
     head = json.loads(files.head_meta.read_text())
-    with_retries(
+    tracking_call(
         lambda: attach_model_card(
             client, name, version, run_id, tags, metrics, validation, head, changes
         ),
         "attaching the model card",
+        REDO_STAGE,
     )
     if params.registry.auto_promote and CHAMPION not in aliases:
         aliases += _auto_promote(params, version)
@@ -581,8 +715,10 @@ def finish_registration(client, registry: RegistryConfig, version: str) -> list[
     from headswap.promotion import record_initial_champion
 
     name = registry.model_name
-    with_retries(
-        lambda: client.set_registered_model_alias(name, CHALLENGER, version), "setting aliases"
+    tracking_call(
+        lambda: client.set_registered_model_alias(name, CHALLENGER, version),
+        "setting aliases",
+        REDO_STAGE,
     )
     if record_initial_champion(client, registry, version):
         return [CHALLENGER, CHAMPION]
@@ -632,10 +768,16 @@ def _onnx_meta(model_path: Path) -> dict[str, str]:
 
 
 def alias_version(client, name: str, alias: str) -> str | None:
-    """The version number behind ``name@alias``, or None if the alias is not set."""
+    """The version number behind ``name@alias``, or None if the alias (or model) is not set.
+
+    Raises:
+        RegistryError: the tracking store did not answer (never mistaken for "no alias").
+    """
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except Exception:  # noqa: BLE001 - MLflow raises RestException/MlflowException for "no alias"
+    except Exception as error:  # noqa: BLE001 - MLflow raises RestException/MlflowException
+        if unreachable_reason(error) is not None:
+            raise tracking_error(error, f"reading {name}@{alias}") from None
         return None
 
 

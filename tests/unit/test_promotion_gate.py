@@ -14,6 +14,7 @@ from headswap.promotion import (
     compare,
     gate_checks,
     mcnemar,
+    out_of_band_moves,
     paired_bootstrap,
     rank_auc,
 )
@@ -142,8 +143,8 @@ def test_bootstrap_intervals_contain_the_observed_values(labels):
     assert ci["roc_auc"]["difference"][0] <= ci["roc_auc"]["difference"][1]
 
 
-def entry(outcome: str, old: str | None, new: str) -> dict:
-    return {"outcome": outcome, "old_version": old, "new_version": new}
+def entry(outcome: str, old: str | None, new: str, time: str = "") -> dict:
+    return {"outcome": outcome, "old_version": old, "new_version": new, "time": time}
 
 
 def test_champion_stack_replays_promotions_and_rollbacks():
@@ -161,3 +162,37 @@ def test_champion_stack_replays_promotions_and_rollbacks():
 def test_a_champion_moved_outside_headswap_is_rolled_back_from():
     history = [entry("initial", None, "1"), entry("promoted", "1", "2")]
     assert champion_stack(history, "5") == ["1", "2", "5"]  # rollback from 5 returns to 2
+
+
+def test_a_champion_moved_by_hand_then_replaced_is_where_a_rollback_returns():
+    """v1 audited, v3 set by hand, then v4 promoted over v3: rolling back returns to v3."""
+    history = [entry("initial", None, "1"), entry("promoted", "3", "4")]
+    assert champion_stack(history, "4") == ["1", "3", "4"]
+
+
+def test_out_of_band_moves_are_found_between_audit_entries_and_since_the_last():
+    history = [
+        entry("initial", None, "1", "2026-01-01T00:00:00+00:00"),
+        entry("refused", "3", "4", "2026-01-03T00:00:00+00:00"),  # v3 was champion by then
+        entry("promoted", "3", "5", "2026-01-04T00:00:00+00:00"),
+    ]
+    registered = {"3": "2026-01-02T00:00:00+00:00", "6": "2026-01-05T00:00:00+00:00"}
+    moves = out_of_band_moves(history, "6", registered)
+    assert [(m.old, m.new, m.after, m.before, m.position) for m in moves] == [
+        # after v1's audited move and after v3 was registered; before the refusal saw it
+        ("1", "3", "2026-01-02T00:00:00+00:00", "2026-01-03T00:00:00+00:00", 1),
+        # after the last entry (v6 was registered later still), and it is the champion now
+        ("5", "6", "2026-01-05T00:00:00+00:00", None, 3),
+    ]
+
+
+def test_an_audit_chain_that_explains_the_champion_has_no_out_of_band_moves():
+    history = [
+        entry("initial", None, "1"),
+        entry("promoted", "1", "2"),
+        entry("refused", "2", "3"),
+        entry("rolled_back", "2", "1"),
+    ]
+    assert out_of_band_moves(history, "1") == []
+    removed = out_of_band_moves(history, None)  # the alias deleted by hand
+    assert [(m.old, m.new, m.position) for m in removed] == [("1", None, 4)]

@@ -196,8 +196,8 @@ class TinyRegistry:
         """Register a tiny model through the register stage's own functions; returns its version.
 
         The version records ``manifest`` (default: the workspace's rows) as its run's
-        ``data/manifest.csv``, and the lineage tags the register stage writes (``tags``
-        override them).
+        ``data/manifest.csv``, and the lineage tags the register stage writes, ``onnx_sha256``
+        included (``tags`` override them).
         """
         import mlflow
 
@@ -205,6 +205,7 @@ class TinyRegistry:
         from headswap.registry import (
             MANIFEST_ARTIFACT,
             _ensure_experiment,
+            file_sha256,
             finish_registration,
             log_onnx_model,
             split_tags,
@@ -216,6 +217,7 @@ class TinyRegistry:
         path = tiny_model(self.root / f"model-{uuid.uuid4().hex[:8]}.onnx", slope, cut)
         rows = self.rows if manifest is None else manifest
         lineage = {
+            "onnx_sha256": file_sha256(path),  # as the register stage tags every version
             "test_fingerprint": test_fingerprint(rows),
             "backbone": "tiny-brightness",
             **split_tags(self.split),

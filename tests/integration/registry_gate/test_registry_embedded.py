@@ -145,7 +145,8 @@ def test_a_stale_lock_from_a_dead_process_is_broken(tiny_registry):
     client().create_registered_model(
         f"{tiny_registry.registry.model_name}{LOCK_SUFFIX}", tags={"token": "dead", "acquired": "0"}
     )
-    quick = tiny_registry.registry.model_copy(update={"lock_wait_s": 5.0, "lock_stale_s": 60.0})
+    # No heartbeat since it was made: broken once it has been still for lock_stale_s.
+    quick = tiny_registry.registry.model_copy(update={"lock_wait_s": 30.0, "lock_stale_s": 1.5})
     assert promote_version(quick, tiny_registry.files, split=tiny_registry.split).promoted
 
 
@@ -197,7 +198,8 @@ def test_prefect_promote_and_predict_flows(tiny_registry, tmp_path):
     script = (
         "import json; from flows.promote import promote; from flows.predict import predict\n"
         "entry = promote(reason='flow')\n"
-        f"result = predict('data/raw', {str(tmp_path / 'flow.csv')!r})\n"
+        # the served flow writes only under predict.out_dir (predictions/ by default)
+        "result = predict('data/raw', 'flow.csv')\n"
         "print('RESULT', json.dumps({'entry': entry, 'predict': result}))\n"
     )
     env = {
@@ -222,4 +224,5 @@ def test_prefect_promote_and_predict_flows(tiny_registry, tmp_path):
     assert champion(tiny_registry) == "1"
     assert result["predict"]["rows"] == len(tiny_registry.rows) == 40
     assert sum(result["predict"]["class_counts"].values()) == 40
-    assert len((tmp_path / "flow.csv").read_text().splitlines()) == 41
+    written = tiny_registry.root / "predictions" / "flow.csv"
+    assert len(written.read_text().splitlines()) == 41
