@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from headswap.errors import HeadswapError
+from headswap.errors import ERROR_PREFIX, HeadswapError
 from headswap.runlock import refuse_if_held
 
 app = typer.Typer(
@@ -39,6 +39,11 @@ STAGE_COMMANDS = frozenset(
 )
 
 
+def print_error(error: HeadswapError) -> None:
+    """One line, ``error: <what was wrong and what to do>``; drivers look for the prefix."""
+    console.print(f"[bold red]{ERROR_PREFIX.strip()}[/] {error}", highlight=False, soft_wrap=True)
+
+
 @app.callback()
 def _guard_workspace(ctx: typer.Context) -> None:
     """Refuse a pipeline stage while another run (make run, the UI, make repro) holds the
@@ -47,7 +52,7 @@ def _guard_workspace(ctx: typer.Context) -> None:
         try:
             refuse_if_held()
         except HeadswapError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            print_error(error)
             raise typer.Exit(1) from None
 
 
@@ -59,7 +64,7 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except HeadswapError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            print_error(error)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -23,3 +23,8 @@ class ParityError(HeadswapError):
 
 class RegistryError(HeadswapError):
     """The MLflow tracking server or model registry refused or could not be reached."""
+
+
+# How the CLI prints a HeadswapError: one line, so a driver that ran a stage as a subprocess can
+# find the reason in the stage's output.
+ERROR_PREFIX = "error: "

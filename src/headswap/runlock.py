@@ -108,8 +108,9 @@ def _wait_for(fd: int, path: Path, wait_s: float) -> None:
     while not _try_lock(fd):
         if time.monotonic() > deadline:
             raise WorkspaceBusyError(
-                f"{path}: {_describe(read_holder(path))} has held this workspace for over "
-                f"{wait_s:g} s; set {WAIT_ENV} to wait longer, or stop that run"
+                f"{path}: this workspace is in use by {_describe(read_holder(path))}, "
+                f"still after {wait_s:g} s of waiting; set {WAIT_ENV} to wait longer, "
+                "or stop that run"
             )
         time.sleep(POLL_S)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from headswap.config import Params, parse_params
-from headswap.errors import HeadswapError
+from headswap.errors import ERROR_PREFIX, HeadswapError
 
 # DVC's locks are not a queue: a second `dvc repro` fails at once with one of these messages
 # (the repo lock, or the per-output rwlock when the first run is already inside a stage).
@@ -58,6 +58,12 @@ def run_command(
     """
     command, returncode, output = _execute(args, env, cwd, echo)
     if returncode != 0:
+        # A headswap stage that fails on bad input says so in one `error:` line; that line is
+        # the whole story, so the caller (a Prefect flow run's state) gets it alone.
+        own_errors = [line for line in output.splitlines() if line.startswith(ERROR_PREFIX)]
+        if own_errors:
+            reason = own_errors[-1].removeprefix(ERROR_PREFIX)
+            raise StageError(f"`{' '.join(args)}` failed: {reason}")
         tail = "\n".join(line for line in output.strip().splitlines()[-15:])
         raise StageError(f"`{' '.join(args)}` failed (exit {returncode}):\n{tail}")
     return CommandResult(command, output)

@@ -81,7 +81,7 @@ def test_new_images_reach_the_champion_without_hands(prefect_server, tmp_path):
     assert registration["version"] == "2"
     assert registration["data_changes"]["total"]["added"] == 12
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    assert mlflow.get_model_version_by_alias("elpv-defects", "champion").version == "2"
+    assert str(mlflow.get_model_version_by_alias("elpv-defects", "champion").version) == "2"
 
     history = run(["headswap", "history"], root).stdout
     assert "promoted" in history and "v1" in history and "v2" in history

@@ -16,6 +16,7 @@ from prefect.exceptions import PrefectHTTPStatusError
 
 from tests import prefect_stack as stack
 from tests.prefect_stack import api_client, dvc_experiments, mlflow_runs, wait_for_final_state
+from tests.workspace import set_params
 
 # Module-scoped fixtures: this module gets its own server and workspace.
 prefect_server = stack.prefect_server
@@ -42,9 +43,9 @@ def test_form_starts_empty_and_a_default_run_uses_params_yaml_as_it_is_then(serv
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
 
     params_path = served_workspace.root / "params.yaml"
-    edited = params_path.read_text().replace("C: 0.01 ", "C: 0.02 ")
-    assert edited != params_path.read_text(), "params.yaml's head.C line changed shape"
-    params_path.write_text(edited)
+    assert yaml.safe_load(params_path.read_text())["head"]["C"] != 0.02
+    set_params(served_workspace.root, head={"C": 0.02})  # a person's edit, after serving began
+    edited = params_path.read_text()
     with api_client(served_workspace.server) as client:
         run = client.create_flow_run_from_deployment(deployment.id)
         run = wait_for_final_state(client, run.id)

@@ -49,7 +49,7 @@ def test_waiting_gives_up_with_one_line_naming_the_holder(tmp_path, monkeypatch)
     holder = _hold(lock, 30)
     monkeypatch.setenv(runlock.WAIT_ENV, "0.5")
     try:
-        busy = pytest.raises(runlock.WorkspaceBusyError, match=r"make run \(test holder\).*held")
+        busy = pytest.raises(runlock.WorkspaceBusyError, match=r"make run \(test holder\).*after")
         with busy, runlock.workspace_lock("headswap repro", lock):
             pass
     finally:
