@@ -96,6 +96,13 @@ def ingest(params: ParamsOption = Path("params.yaml")) -> None:
             highlight=False,
             markup=False,
         )
+    if result.renamed:
+        console.print(
+            f"  {len(result.renamed)} file name(s) not valid UTF-8, copied with each undecodable "
+            "byte as %XX (listed in data/raw/ingest_report.json)",
+            highlight=False,
+            markup=False,
+        )
 
 
 @app.command()

@@ -7,7 +7,6 @@ averaged over, and applies the same temperature and threshold, so it predicts wh
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from headswap.errors import ParityError
 from headswap.features import onnx_export_warnings_silenced, view_transforms
 from headswap.heads import Head, HeadMeta
 from headswap.imaging import load_model_input
-from headswap.io import atomic_path, atomic_write_text
+from headswap.io import atomic_path, atomic_write_text, read_csv
 
 PARITY_BATCH_SIZES = (1, 3)
 
@@ -106,8 +105,7 @@ def _export(model: DeployableModel, size: int, opset: int, target: Path, metadat
 def _parity_inputs(
     predictions_csv: Path, raw_dir: Path, spec: BackboneSpec
 ) -> tuple[list[str], np.ndarray]:
-    with open(predictions_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))[: max(PARITY_BATCH_SIZES)]
+    rows = read_csv(predictions_csv)[: max(PARITY_BATCH_SIZES)]  # paths restored, not defused
     prep = spec.preprocessing
     pixels = np.stack(
         [load_model_input(raw_dir / r["path"], prep.size, prep.interpolation) for r in rows]

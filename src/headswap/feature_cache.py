@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headswap.io import atomic_write_text
+from headswap.io import atomic_write_text, create_temp_beside
 
 DIGEST_SIZE = 32
 STALE_TEMP_SECONDS = 3600  # a writer's temp file older than this belongs to a crashed run
@@ -92,9 +91,11 @@ class FeatureCache:
         # Temp file + rename, but no fsync (unlike headswap.io.atomic_path): after a crash an
         # entry may be torn, and the digest catches that on read. Measured here, the fsync cost
         # about 7 ms per image, a tenth of the inference time.
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # The temp file gets the umask's mode, as every other output does (mkstemp's 0600 would
+        # shut other users out of a shared HEADSWAP_CACHE_DIR).
+        name = create_temp_beside(target)
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with open(name, "wb") as handle:
                 handle.write(hashlib.blake2b(payload, digest_size=DIGEST_SIZE).digest() + payload)
             os.replace(name, target)
         finally:

@@ -243,12 +243,12 @@ def log_to_mlflow(
     from mlflow import MlflowClient
 
     from headswap.config import flatten_params
-    from headswap.registry import _ensure_experiment, tracking_uri, with_retries
+    from headswap.registry import _ensure_experiment, tracking_call, tracking_uri
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment_id = with_retries(
+    experiment_id = tracking_call(
         lambda: _ensure_experiment(client, params.registry.experiment, Path(".")),
         "create experiment",
     )
@@ -266,4 +266,4 @@ def log_to_mlflow(
                 mlflow.log_artifact(str(path), "learning_curve")
             return run.info.run_id
 
-    return with_retries(log, "logging the learning-curve run")
+    return tracking_call(log, "logging the learning-curve run")

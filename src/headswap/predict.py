@@ -269,7 +269,7 @@ def verify_model_file(model: str, path: Path) -> None:
     """
     from mlflow import MlflowClient
 
-    from headswap.registry import file_sha256, tracking_uri, with_retries
+    from headswap.registry import file_sha256, tracking_call, tracking_uri
 
     found = registered_version(model)
     if found is None:
@@ -277,7 +277,7 @@ def verify_model_file(model: str, path: Path) -> None:
         return
     name, version = found
     client = MlflowClient(tracking_uri())
-    tags = with_retries(lambda: client.get_model_version(name, version).tags, "reading its tags")
+    tags = tracking_call(lambda: client.get_model_version(name, version).tags, "reading its tags")
     expected = tags.get("onnx_sha256")
     if not expected:
         warn(

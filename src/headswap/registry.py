@@ -31,7 +31,7 @@ import yaml
 
 from headswap.config import Params, RegistryConfig, SplitConfig, flatten_params
 from headswap.errors import RegistryError
-from headswap.io import atomic_write_text, output_files
+from headswap.io import atomic_write_text, output_files, parse_csv
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MANIFEST_ARTIFACT = "data/manifest.csv"
@@ -392,9 +392,6 @@ def tracking_call(action: Callable, what: str, then: str = "re-run"):
         raise tracking_error(error, what, then) from None
 
 
-with_retries = tracking_call  # the earlier name, kept for callers outside this module
-
-
 def gate_tags(parity_path: Path, validation: dict) -> dict[str, str]:
     """Tags recording the gates this model passed; refuses a model whose ONNX parity failed.
 
@@ -536,12 +533,9 @@ def run_artifact_text(client, run_id: str, artifact: str) -> str | None:
 
 def version_manifest(client, name: str, version: str) -> list[dict[str, str]] | None:
     """The manifest version ``version`` was trained on, or None if it recorded none."""
-    import csv
-    import io
-
     run_id = client.get_model_version(name, version).run_id
     text = run_artifact_text(client, run_id, MANIFEST_ARTIFACT) if run_id else None
-    return None if text is None else list(csv.DictReader(io.StringIO(text)))
+    return None if text is None else parse_csv(text)
 
 
 def version_classes(client, version) -> list[str] | None:

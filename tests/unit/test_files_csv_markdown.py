@@ -80,6 +80,28 @@ def test_evaluate_predictions_defuse_paths_labels_and_class_names(tmp_path):
     assert [row["path"] for row in read] == [row["path"] for row in rows]
 
 
+def test_export_reads_the_images_a_defused_predictions_csv_names(tmp_path):
+    """The parity check loads data/raw/<path>: it must see the path restored, not its defused cell."""
+    from types import SimpleNamespace
+
+    from headswap.export import _parity_inputs
+
+    classes = ["=1+2", "@bad"]
+    rows = [
+        {"path": "=1+2/+0.png", "sha256": "a" * 64, "label": "=1+2"},
+        {"path": "@bad/-1.png", "sha256": "b" * 64, "label": "@bad"},
+    ]
+    for row in rows:
+        (tmp_path / "raw" / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "raw" / row["path"])
+    path = tmp_path / "predictions.csv"
+    _write_predictions(path, rows, np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), classes)
+    spec = SimpleNamespace(preprocessing=SimpleNamespace(size=8, interpolation="bilinear"))
+    paths, pixels = _parity_inputs(path, tmp_path / "raw", spec)
+    assert paths == [row["path"] for row in rows]
+    assert pixels.shape[0] == 2
+
+
 def test_the_learning_curve_table_goes_through_the_same_writer(tmp_path):
     point = CurvePoint(None, 40, 2, 0.9, 0.01, None, None, [0.9, 0.9], [None, None])
     write_table([point], tmp_path / "curve.csv", tmp_path / "curve.json")

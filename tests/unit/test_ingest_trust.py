@@ -255,3 +255,18 @@ def test_a_class_folder_linked_to_the_project_is_refused(tmp_path):
     with pytest.raises(DataError, match="class folder dog is the workspace"):
         sync(source, work / "data" / "raw", workspace=work)
     assert not (work / "data").exists()
+
+
+def test_the_ingest_command_says_how_many_names_it_escaped(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from headswap.cli import app
+
+    source = source_folder(tmp_path / "source", {"cat": 3, "dog": 3})
+    noise(41).save(source / "cat" / os.fsdecode(b"caf\xe9.png"))
+    (tmp_path / "params.yaml").write_text(f"data:\n  source: {source}\n  positive_class: null\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["ingest"])
+    assert result.exit_code == 0, result.output
+    assert "1 file name(s) not valid UTF-8" in result.output
+    assert (tmp_path / "data/raw/cat/caf%E9.png").is_file()
