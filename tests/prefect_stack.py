@@ -106,6 +106,9 @@ def serving(root: Path, server: PrefectServer, cache: Path) -> Iterator[ServedWo
         "PREFECT_LOGGING_LEVEL": "INFO",
         "HEADSWAP_CACHE_DIR": str(cache),
         "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)]),
+        # The served runs record into this workspace's own store, whatever an earlier test in
+        # this process left in os.environ (the service inherits it).
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root.resolve() / 'mlflow.db'}",
     }
     service = Service("deployments", [sys.executable, "-m", "flows.serve"], None, env=env)
     start(service, cwd=root)

@@ -81,7 +81,7 @@ def test_evaluate_predictions_defuse_paths_labels_and_class_names(tmp_path):
 
 
 def test_export_reads_the_images_a_defused_predictions_csv_names(tmp_path):
-    """The parity check loads data/raw/<path>: it must see the path restored, not its defused cell."""
+    """Parity loads data/raw/<path>: it must see the path restored, not its defused cell."""
     from types import SimpleNamespace
 
     from headswap.export import _parity_inputs
