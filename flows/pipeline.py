@@ -31,10 +31,6 @@ STAGE_TITLES = {
     "export": "export: ONNX model + parity check",
     "register": "register: MLflow run and model version",
 }
-# Stage -> Prefect task retries. None: compute stages fail fast, and `register`'s MLflow calls
-# retry inside MLflow's HTTP client already (registry.HTTP_RETRY_POLICY); a task retry on top
-# would multiply the wait for a tracking server that is down (it did: over 7 minutes of silence).
-RETRIED_STAGES: dict[str, int] = {}
 
 
 @task(name="dvc stage", task_run_name="{stage}")
@@ -109,11 +105,10 @@ def train(parameters: TrainParameters | None = None) -> dict:
         }
         previous_run = summaries.registered_run_id()
         for stage in workspace.pipeline_stages():
-            run_stage.with_options(
-                task_run_name=STAGE_TITLES.get(stage, stage),
-                retries=RETRIED_STAGES.get(stage, 0),
-                retry_delay_seconds=5,
-            )(stage, env)
+            # No task retries: compute stages fail fast, and register's MLflow calls retry
+            # inside MLflow's HTTP client (registry.HTTP_RETRY_POLICY); a task retry on top
+            # multiplied the wait for a tracking server that is down to over 7 minutes.
+            run_stage.with_options(task_run_name=STAGE_TITLES.get(stage, stage))(stage, env)
             if stage == "ingest":
                 push_data(env)
         result = summaries.run_summary()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,19 @@ def make_workspace(tmp_path_factory, feature_cache) -> Callable[..., Path]:
         )
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored() -> Iterator[None]:
+    """Put MLflow's process-wide tracking URI back after each test.
+
+    Tests that log through MLflow's fluent API call ``mlflow.set_tracking_uri``, which also sets
+    ``MLFLOW_TRACKING_URI`` in ``os.environ``; a later test's subprocesses would inherit that
+    store instead of their workspace's own.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # None clears the global and the variable

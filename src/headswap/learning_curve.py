@@ -243,10 +243,14 @@ def log_to_mlflow(
     from mlflow import MlflowClient
 
     from headswap.config import flatten_params
-    from headswap.registry import _ensure_experiment, tracking_call, tracking_uri
+    from headswap.registry import (
+        _ensure_experiment,
+        fluent_tracking_uri,
+        tracking_call,
+        tracking_uri,
+    )
 
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = tracking_call(
         lambda: _ensure_experiment(client, params.registry.experiment, Path(".")),
@@ -254,7 +258,10 @@ def log_to_mlflow(
     )
 
     def log() -> str:
-        with mlflow.start_run(experiment_id=experiment_id, run_name="learning-curve") as run:
+        with (
+            fluent_tracking_uri(uri),
+            mlflow.start_run(experiment_id=experiment_id, run_name="learning-curve") as run,
+        ):
             mlflow.set_tag("headswap.kind", "learning-curve")
             mlflow.log_params({**flatten_params(params), "learning_curve.seeds": seeds})
             for p in points:

@@ -21,7 +21,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,6 +106,26 @@ def tracking_uri(project_root: Path = Path(".")) -> str:
     )
     apply_http_retry_policy(uri)
     return uri
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``start_run``, ``log_*``, ``register_model``) at uri for a block.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` so that
+    subprocesses inherit it. Left in place, a long-lived process (a served Prefect deployment, a
+    test session) would carry one workspace's store into every later run and every ``dvc repro``
+    it starts, so the previous value is put back on the way out.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        # None clears both MLflow's global and the environment variable.
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -480,23 +501,24 @@ def log_onnx_model(
 
     meta = _onnx_meta(model_path)
     size, n_classes = int(meta["headswap.image_size"]), len(json.loads(meta["headswap.classes"]))
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.set_tags({f"headswap.{k}": v for k, v in tags.items()})
-        if log_contents is not None:
-            log_contents()
-        info = mlflow.onnx.log_model(
-            onnx.load(str(model_path)),
-            name="model",
-            signature=_signature(size, n_classes),
-            input_example=np.zeros((1, 3, size, size), dtype=np.float32),
-            onnx_execution_providers=["CPUExecutionProvider"],
-            # The flavor's own pins; inferring them instead costs a subprocess (~6 s) per model.
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            save_as_external_data=False,
-        )
-    # The version is created with its lineage tags in one request, so a server lost between
-    # two calls can never leave a version without them; aliases come later.
-    version = mlflow.register_model(info.model_uri, name, tags=tags).version
+    with fluent_tracking_uri(tracking_uri()):
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            mlflow.set_tags({f"headswap.{k}": v for k, v in tags.items()})
+            if log_contents is not None:
+                log_contents()
+            info = mlflow.onnx.log_model(
+                onnx.load(str(model_path)),
+                name="model",
+                signature=_signature(size, n_classes),
+                input_example=np.zeros((1, 3, size, size), dtype=np.float32),
+                onnx_execution_providers=["CPUExecutionProvider"],
+                # The flavor's own pins; inferring them costs a subprocess (~6 s) per model.
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+                save_as_external_data=False,
+            )
+        # The version is created with its lineage tags in one request, so a server lost between
+        # two calls can never leave a version without them; aliases come later.
+        version = mlflow.register_model(info.model_uri, name, tags=tags).version
     return run.info.run_id, str(version)
 
 
@@ -625,13 +647,11 @@ def register_model(params: Params, files: StageFiles, out_path: Path) -> Registr
         RegistryError: parity failed, the class list differs from the registered model's, or
             the store cannot be reached.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     from headswap.data import read_manifest
 
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     name = params.registry.model_name
     validation = json.loads(files.validation.read_text())

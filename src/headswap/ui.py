@@ -291,8 +291,8 @@ def _credentials_for(config: UiConfig) -> Credentials | None:
         return None
     if importlib.util.find_spec("flask_wtf") is None:
         raise UiError(
-            "--auth needs MLflow's basic-auth app, and its Flask-WTF is not installed; run "
-            "`.venv/bin/pip install Flask-WTF` (MLflow's auth extra) and start again"
+            "--auth needs MLflow's basic-auth app (the mlflow[auth] extra), and its Flask-WTF "
+            "is not installed in this environment; run `make install` and start again"
         )
     return ensure_credentials(config.root)
 

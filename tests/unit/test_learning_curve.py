@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -119,6 +120,25 @@ def test_command_writes_plot_and_table_and_logs_an_mlflow_run(tmp_path, monkeypa
         "learning_curve/learning_curve.csv",
         "learning_curve/learning_curve.json",
     }
+
+
+def test_logging_leaves_the_process_tracking_uri_as_it_found_it(tmp_path, monkeypatch):
+    """A served deployment runs many flows in one process; one run's store must not stick to it.
+
+    ``mlflow.set_tracking_uri`` writes ``MLFLOW_TRACKING_URI`` into ``os.environ``, which every
+    later flow run and every ``dvc repro`` it starts would inherit.
+    """
+    from headswap.cli import app
+
+    write_workspace(tmp_path, make_features(n=120, views=1))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    result = CliRunner().invoke(app, ["learning-curve", "--sizes", "5,all", "--seeds", "1"])
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mlflow.db").is_file()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_command_without_features_says_what_to_run(tmp_path, monkeypatch):
