@@ -9,38 +9,60 @@ whole dataset (every tap, mean+max pooled, through the project's feature cache) 
 a lever such as "taps 3..head" or "mean pooling only" or "no views" is a column/view subset of a
 rich body: the features that narrower config would extract (up to ONNX Runtime float
 rounding). The split only decides which images are test, so the same features serve every seed.
+The bodies and levers are listed in ``benchmarks/accuracy_params/sweep.yaml``.
 
 Usage (from the repository root, ELPV in data/raw as ``headswap ingest`` leaves it)::
 
-    HEADSWAP_CACHE_DIR=/tmp/cache python benchmarks/accuracy.py --workspace /tmp/acc
+    HEADSWAP_CACHE_DIR=/tmp/cache python benchmarks/accuracy.py measure --workspace /tmp/acc
+    python benchmarks/accuracy.py render
 
-It prints a markdown table and writes ``<workspace>/accuracy.json``. ``--params FILE`` scores a
-whole params file as the pipeline runs it; ``--combine`` scores the ``--bodies`` side by side
-(README.md, "Accuracy on ELPV", lists the command behind every row).
+``measure`` prints a markdown row per experiment, writes ``<workspace>/accuracy*.json`` with every
+seed's scores, and records each experiment's result in ``benchmarks/results/accuracy.csv``.
+``--params FILE`` scores a whole params file as the pipeline runs it; ``--combine`` scores the
+``--bodies`` side by side. ``render`` rewrites the generated tables of
+``benchmarks/ACCURACY.md`` from the results file (``--check``: only say whether they are current).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import json
+import re
+import sys
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from headswap.backbones import load_body
-from headswap.config import BackboneConfig, DataConfig, FeaturesConfig, HeadConfig, SplitConfig
-from headswap.data import assign_splits, prepare, read_classes, read_manifest
+from headswap.backbones.loader import load_body
+from headswap.config import BackboneConfig, HeadConfig, SplitConfig, load_params
 from headswap.evaluate import decide, roc_auc
-from headswap.features import FeatureSet, extract_features, load_features
-from headswap.heads import predict_proba, train_head
+from headswap.feature_set import FeatureSet, load_features
+from headswap.features import extract_features
+from headswap.heads import predict_proba
+from headswap.io import markdown_table
+from headswap.manifest import read_classes, read_manifest
+from headswap.prepare import assign_splits, prepare
+from headswap.train import train_head
 
+HERE = Path(__file__).parent
+SWEEP_FILE = HERE / "accuracy_params" / "sweep.yaml"
+RESULTS_FILE = HERE / "results" / "accuracy.csv"
+ACCURACY_MD = HERE / "ACCURACY.md"
 SEEDS = (0, 1, 2, 3, 4)
-DEFAULT_SPLIT = SplitConfig(test_size=0.25, val_size=0.1)
 ALL_TAPS: list = [0, 1, 2, 3, 4, 5, 6, "head"]
+# Which stored views make up a lever's view set, per body view set (order of view_transforms).
+VIEW_SUBSETS = {
+    "none": {"none": [0]},
+    "flip": {"none": [0], "flip": [0, 1]},
+    "d4": {"none": [0], "flip": [0, 4], "d4": list(range(8))},
+}
 
 
 @dataclass(frozen=True)
@@ -52,177 +74,64 @@ class Body:
     views: str
 
 
-LITE0, LITE1, LITE2 = "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
-BODIES = {
-    "224": Body(LITE0, 224, "none"),
-    "300": Body(LITE0, 300, "none"),
-    "300-flip": Body(LITE0, 300, "flip"),
-    "300-d4": Body(LITE0, 300, "d4"),
-    "lite1-300-flip": Body(LITE1, 300, "flip"),
-    "lite2-300-flip": Body(LITE2, 300, "flip"),
-    "lite2-384-flip": Body(LITE2, 384, "flip"),
-    "384-flip": Body(LITE0, 384, "flip"),
-    "lite2-300-d4": Body(LITE2, 300, "d4"),
-    "448-flip": Body(LITE0, 448, "flip"),
-    "lite1-384-flip": Body(LITE1, 384, "flip"),
-    "384-d4": Body(LITE0, 384, "d4"),
-}
-# Which stored views make up a lever's view set, per body view set (order of view_transforms).
-VIEW_SUBSETS = {
-    "none": {"none": [0]},
-    "flip": {"none": [0], "flip": [0, 1]},
-    "d4": {"none": [0], "flip": [0, 4], "d4": list(range(8))},
-}
-
-
 @dataclass(frozen=True)
 class Lever:
-    """One row of the table: a slice of a rich body plus a head configuration."""
+    """One experiment: a slice of a rich body plus a head configuration."""
 
     name: str
     body: str
-    taps: list = field(default_factory=lambda: ["head"])
-    pool: str = "mean"  # mean | max | meanmax (slices of the meanmax body)
-    views: str = "none"
-    head: HeadConfig = HeadConfig()
+    taps: list
+    pool: str  # mean | max | meanmax (slices of the meanmax body)
+    views: str
+    head: HeadConfig
     threshold: float | str = 0.5
 
 
-def levers() -> list[Lever]:
-    """The sweep in priority order (a cut-short run still answers the main question)."""
-    deep = [3, 4, 5, 6, "head"]
-    mlp = HeadConfig(type="mlp", hidden=512, dropout=0.5, max_iter=300)
-    rich = {"body": "300", "taps": deep, "pool": "meanmax"}
-    return [
-        Lever("last layer, 224 px (spine default)", "224"),
-        Lever("taps 3..head, 300 px, meanmax", **rich),
-        Lever("taps 3..head, 300 px, meanmax, C 0.1", **rich, head=HeadConfig(C=0.1)),
-        Lever("taps 3..head, 300 px, meanmax, mlp", **rich, head=mlp),
+@dataclass(frozen=True)
+class Sweep:
+    """The contents of sweep.yaml: split sizes, the base head, rich bodies, levers in priority
+    order (a cut-short run still answers the main question), and the ``--combine`` slice."""
+
+    split: SplitConfig
+    bodies: dict[str, Body]
+    levers: list[Lever]
+    combine_taps: list
+    combine_head: HeadConfig
+
+
+def load_sweep(path: Path = SWEEP_FILE) -> Sweep:
+    """Parse sweep.yaml; every lever's head is the file's ``head`` with the lever's keys on top."""
+    spec = yaml.safe_load(path.read_text())
+    base_head = spec["head"]
+    levers = [
         Lever(
-            "taps 3..head, 300 px, meanmax, flip views",
-            **{**rich, "body": "300-flip"},
-            views="flip",
-        ),
-        Lever(
-            "taps 3..head, 300 px, meanmax, flip, C 0.1",
-            **{**rich, "body": "300-flip"},
-            views="flip",
-            head=HeadConfig(C=0.1),
-        ),
-        Lever(
-            "taps 3..head, 300 px, meanmax, flip, C 0.01",
-            **{**rich, "body": "300-flip"},
-            views="flip",
-            head=HeadConfig(C=0.01),
-        ),
-        Lever(
-            "taps 3..head, 300 px, meanmax, flip, C 0.03",
-            **{**rich, "body": "300-flip"},
-            views="flip",
-            head=HeadConfig(C=0.03),
-        ),
-        Lever(
-            "all taps 0..head, 300 px, meanmax, flip, C 0.01",
-            "300-flip",
-            ALL_TAPS,
-            "meanmax",
-            "flip",
-            head=HeadConfig(C=0.01),
-        ),
-        Lever(
-            "taps 3..head, 300 px, meanmax, C 0.01",
-            **rich,
-            head=HeadConfig(C=0.01),
-        ),
-        Lever(
-            "taps 3..head, 300 px, meanmax, flip, C 0.003",
-            **{**rich, "body": "300-flip"},
-            views="flip",
-            head=HeadConfig(C=0.003),
-        ),
-        Lever(
-            "taps 3..head, 300 px, meanmax, flip, C 0.1, threshold auto",
-            **{**rich, "body": "300-flip"},
-            views="flip",
-            head=HeadConfig(C=0.1),
-            threshold="auto",
-        ),
-        Lever(
-            "taps 3..head, 300 px, meanmax, flip, mlp",
-            **{**rich, "body": "300-flip"},
-            views="flip",
-            head=mlp,
-        ),
-        Lever("last layer, 300 px", "300"),
-        Lever("taps 3..head, 224 px", "224", deep),
-        Lever("taps 3..head, 300 px", "300", deep),
-        Lever("all taps 0..head, 300 px, meanmax", "300", ALL_TAPS, "meanmax"),
-        Lever(
-            "taps 3..head, 300 px, meanmax, balanced",
-            **rich,
-            head=HeadConfig(class_weight="balanced"),
-        ),
-        Lever("taps 3..head, 300 px, meanmax, threshold auto", **rich, threshold="auto"),
-        Lever("taps 3..head, 300 px, meanmax, C auto", **rich, head=HeadConfig(C="auto")),
-        Lever(
-            "taps 3..head, 300 px, meanmax, d4, C 0.003",
-            **{**rich, "body": "300-d4"},
-            views="d4",
-            head=HeadConfig(C=0.003),
-        ),
-        Lever(
-            "taps 3..head, 300 px, meanmax, d4, C 0.01",
-            **{**rich, "body": "300-d4"},
-            views="d4",
-            head=HeadConfig(C=0.01),
-        ),
-        Lever("taps 3..head, 300 px, meanmax, d4 views", **{**rich, "body": "300-d4"}, views="d4"),
-        *(
-            Lever(
-                f"{body.split('-')[0]}, taps 3..head, 300 px, meanmax, flip, C {c}",
-                body,
-                deep,
-                "meanmax",
-                "flip",
-                head=HeadConfig(C=c),
-            )
-            for body in ("lite1-300-flip", "lite2-300-flip")
-            for c in (0.01, 0.003, 0.03)
-        ),
-        *(
-            Lever(
-                f"lite2, all taps 0..head, 300 px, meanmax, flip, C {c}",
-                "lite2-300-flip",
-                ALL_TAPS,
-                "meanmax",
-                "flip",
-                head=HeadConfig(C=c),
-            )
-            for c in (0.01, 0.003)
-        ),
-        *(
-            Lever(f"{name}, C {c}", body, deep, "meanmax", views, head=HeadConfig(C=c))
-            for name, body, views in (
-                ("lite2, taps 3..head, 384 px, meanmax, flip", "lite2-384-flip", "flip"),
-                ("taps 3..head, 384 px, meanmax, flip", "384-flip", "flip"),
-                ("lite2, taps 3..head, 300 px, meanmax, d4", "lite2-300-d4", "d4"),
-            )
-            for c in (0.01, 0.003)
-        ),
+            name=lever["name"],
+            body=lever["body"],
+            taps=lever["taps"],
+            pool=lever["pool"],
+            views=lever["views"],
+            head=HeadConfig(**{**base_head, **lever.get("head", {})}),
+            threshold=lever.get("threshold", 0.5),
+        )
+        for lever in spec["levers"]
     ]
+    return Sweep(
+        split=SplitConfig(seed=SEEDS[0], **spec["split"]),
+        bodies={name: Body(**body) for name, body in spec["bodies"].items()},
+        levers=levers,
+        combine_taps=spec["combine"]["taps"],
+        combine_head=HeadConfig(**{**base_head, **spec["combine"]["head"]}),
+    )
 
 
-def extract_body(name: str, workspace: Path, raw_dir: Path) -> Path:
+def extract_body(name: str, body: Body, workspace: Path, raw_dir: Path) -> Path:
     """Embed the whole dataset with one rich body (cached per image); returns its npz."""
-    body = BODIES[name]
     out = workspace / f"features-{name}.npz"
-    backbone = BackboneConfig(
-        name=body.backbone, image_size=body.size, taps=ALL_TAPS, pool="meanmax"
-    )
+    base = load_params()
+    backbone = rich_backbone(body.backbone, body.size)
+    features = base.features.model_copy(update={"views": body.views})
     started = time.perf_counter()
-    result = extract_features(
-        backbone, FeaturesConfig(views=body.views), workspace / "manifest.csv", raw_dir, out
-    )
+    result = extract_features(backbone, features, workspace / "manifest.csv", raw_dir, out)
     print(
         f"body {name}: {result.images} images x {result.views} views x {result.dim} dims, "
         f"{result.cache_hits} cached, {time.perf_counter() - started:.0f}s"
@@ -230,10 +139,17 @@ def extract_body(name: str, workspace: Path, raw_dir: Path) -> Path:
     return out
 
 
+def rich_backbone(name: str, size: int | None) -> BackboneConfig:
+    """One body with every tap, mean+max pooled: the superset every lever slices."""
+    return BackboneConfig(
+        name=name, weights=None, image_size=size, taps=ALL_TAPS, pool="meanmax", ensemble=[]
+    )
+
+
 @functools.cache
 def tap_channels(backbone: str) -> tuple[int, ...]:
     """Channels of each tap in ALL_TAPS (one tiny forward pass through the body)."""
-    body, _ = load_body(BackboneConfig(name=backbone, taps=ALL_TAPS, pool="meanmax"))
+    body, _ = load_body(rich_backbone(backbone, None))
     with torch.no_grad():
         maps = body.trunk(torch.zeros(1, 3, 64, 64), [str(t) for t in ALL_TAPS])
     return tuple(maps[str(tap)].shape[1] for tap in ALL_TAPS)
@@ -251,9 +167,8 @@ def tap_columns(backbone: str, taps: list, pool: str) -> np.ndarray:
     return np.concatenate(columns)
 
 
-def split_labels(rows: list[dict], seed: int, split: SplitConfig = DEFAULT_SPLIT) -> np.ndarray:
-    """The split of each manifest row under ``data.split`` with ``seed`` (default: 75/25, val
-    10% of the whole set, carved from the 75%)."""
+def split_labels(rows: list[dict], seed: int, split: SplitConfig) -> np.ndarray:
+    """The split of each manifest row under ``data.split`` with ``seed``."""
     rows = [dict(row) for row in rows]
     assign_splits(rows, split.model_copy(update={"seed": seed}))
     return np.array([row["split"] for row in rows])
@@ -269,17 +184,19 @@ def score(features: FeatureSet, classes: list[str], lever: Lever) -> tuple[float
     return accuracy, roc_auc(probabilities, labels), meta.train_seconds
 
 
-_STATE: dict = {}  # the manifest rows, class order and rich bodies of this run
+_STATE: dict = {}  # the sweep, manifest rows, class order and rich bodies of this run
 
 
 def _score_job(job: tuple[Lever, int]) -> tuple[float, float, float]:
     lever, seed = job
-    full, body = _STATE["bodies"][lever.body], BODIES[lever.body]
+    sweep: Sweep = _STATE["sweep"]
+    full, body = _STATE["bodies"][lever.body], sweep.bodies[lever.body]
     views = VIEW_SUBSETS[body.views][lever.views]
     sliced = np.ascontiguousarray(
         full.embeddings[:, views][..., tap_columns(body.backbone, lever.taps, lever.pool)]
     )
-    features = replace(full, embeddings=sliced, split=split_labels(_STATE["rows"], seed))
+    split = split_labels(_STATE["rows"], seed, sweep.split)
+    features = replace(full, embeddings=sliced, split=split)
     return score(features, _STATE["classes"], lever)
 
 
@@ -312,13 +229,7 @@ def run_sweep(selected: list[Lever], seeds: list[int], out: Path) -> list[dict]:
     table: list[dict] = []
     for lever in selected:
         table.append(summarise(lever, [_score_job((lever, seed)) for seed in seeds]))
-        row = table[-1]
-        print(
-            f"| {row['lever']} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | "
-            f"{row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f} | "
-            f"{row['train_seconds_mean']:.1f} s |",
-            flush=True,
-        )
+        print_row(table[-1])
         out.write_text(json.dumps({"seeds": seeds, "rows": table}, indent=2))
     return table
 
@@ -333,11 +244,13 @@ NORMALISATIONS = {
 
 
 def print_row(row: dict) -> None:
+    """One experiment as a markdown row, with every split's scores."""
     print(
         f"| {row['lever']} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | "
         f"{row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f} | per split: accuracy "
         f"{', '.join(f'{a:.4f}' for a in row['accuracy'])}; ROC-AUC "
-        f"{', '.join(f'{a:.4f}' for a in row['roc_auc'])} |"
+        f"{', '.join(f'{a:.4f}' for a in row['roc_auc'])} |",
+        flush=True,
     )
 
 
@@ -360,6 +273,27 @@ def score_defect_levels(
     return accuracy, auc, meta.train_seconds
 
 
+def score_seeds(
+    scorer: Callable[[FeatureSet, list[str], Lever], tuple[float, float, float]],
+    features: FeatureSet,
+    split: SplitConfig,
+    lever: Lever,
+    seeds: list[int],
+) -> dict:
+    """``scorer`` on ``features`` split under ``split`` with every seed; printed and summarised."""
+    results = [
+        scorer(
+            replace(features, split=split_labels(_STATE["rows"], seed, split)),
+            _STATE["classes"],
+            lever,
+        )
+        for seed in seeds
+    ]
+    row = summarise(lever, results)
+    print_row(row)
+    return row
+
+
 def score_params(
     params_path: Path,
     workspace: Path,
@@ -371,8 +305,6 @@ def score_params(
     """The configuration in ``params_path`` as the pipeline runs it, over ``seeds`` (with
     ``normalise`` applied to every view's feature vector first, and ``target`` 'levels' for a
     head trained on the defect levels: levers, not pipeline options)."""
-    from headswap.config import load_params
-
     params = load_params(params_path)
     out = workspace / f"features-params-{params_path.stem}.npz"
     started = time.perf_counter()
@@ -388,135 +320,298 @@ def score_params(
     full = replace(full, embeddings=normalised)
     name = str(params_path) + ("" if normalise == "none" else f", {normalise} normalised")
     name += ", four defect levels" if target == "levels" else ""
-    lever = Lever(name, "params", head=params.head, threshold=params.evaluate.threshold)
+    lever = Lever(
+        name,
+        "params",
+        params.backbone.taps,
+        params.backbone.pool,
+        params.features.views,
+        params.head,
+        params.evaluate.threshold,
+    )
     scorer = score_defect_levels if target == "levels" else score
-    results = [
-        scorer(
-            replace(full, split=split_labels(_STATE["rows"], seed, params.data.split)),
-            _STATE["classes"],
-            lever,
-        )
-        for seed in seeds
-    ]
-    row = summarise(lever, results)
-    print_row(row)
-    return row
+    return score_seeds(scorer, full, params.data.split, lever, seeds)
 
 
-def score_combination(names: list[str], views: str, seeds: list[int], head: HeadConfig) -> dict:
-    """Rich bodies side by side (taps 3..head, meanmax, ``views``), one logistic head over the
-    concatenation: an ensemble whose members read PIL-resized files. The pipeline's members
+def score_combination(names: list[str], views: str, seeds: list[int], sweep: Sweep) -> dict:
+    """Rich bodies side by side (sweep.yaml's ``combine`` taps, meanmax, ``views``), one head over
+    the concatenation: an ensemble whose members read PIL-resized files. The pipeline's members
     resize in the model instead; on the default pair that differs by 0.002 accuracy and 0.0005
-    ROC-AUC (README rows 36 and 40)."""
-    deep = [3, 4, 5, 6, "head"]
+    ROC-AUC (ACCURACY.md rows 36 and 40)."""
+    taps, head = sweep.combine_taps, sweep.combine_head
     parts = []
     for name in names:
-        full, body = _STATE["bodies"][name], BODIES[name]
-        columns = tap_columns(body.backbone, deep, "meanmax")
+        full, body = _STATE["bodies"][name], sweep.bodies[name]
+        columns = tap_columns(body.backbone, taps, "meanmax")
         parts.append(full.embeddings[:, VIEW_SUBSETS[body.views][views]][..., columns])
     combined = replace(
         _STATE["bodies"][names[0]], embeddings=np.ascontiguousarray(np.concatenate(parts, -1))
     )
     lever = Lever(
-        " + ".join(names) + f", {views}, C {head.C}", "+".join(names), deep, "meanmax", views, head
+        " + ".join(names) + f", {views}, C {head.C}", "+".join(names), taps, "meanmax", views, head
     )
-    results = [
-        score(replace(combined, split=split_labels(_STATE["rows"], seed)), _STATE["classes"], lever)
-        for seed in seeds
+    return score_seeds(score, combined, sweep.split, lever, seeds)
+
+
+# The results file: one row per experiment, numbers as printed (4 decimals). ``commit`` is set
+# only on rows the current code no longer reproduces: the commit they were measured at.
+RESULT_FIELDS = [
+    "row",
+    "experiment",
+    "configuration",
+    "accuracy_mean",
+    "accuracy_std",
+    "roc_auc_mean",
+    "roc_auc_std",
+    "accuracy_per_split",
+    "roc_auc_per_split",
+    "commit",
+    "default",
+]
+
+
+def read_results(path: Path = RESULTS_FILE) -> list[dict[str, str]]:
+    """The results file's rows, every value a string as written."""
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def write_results(rows: list[dict[str, str]], path: Path = RESULTS_FILE) -> None:
+    """Rewrite the results file with ``rows``, columns in RESULT_FIELDS order."""
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=RESULT_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def measured(summary: dict) -> dict[str, str]:
+    """The results-file columns of one experiment's summary."""
+    return {
+        "experiment": summary["lever"],
+        "accuracy_mean": f"{summary['accuracy_mean']:.4f}",
+        "accuracy_std": f"{summary['accuracy_std']:.4f}",
+        "roc_auc_mean": f"{summary['roc_auc_mean']:.4f}",
+        "roc_auc_std": f"{summary['roc_auc_std']:.4f}",
+        "accuracy_per_split": " ".join(f"{a:.4f}" for a in summary["accuracy"]),
+        "roc_auc_per_split": " ".join(f"{a:.4f}" for a in summary["roc_auc"]),
+    }
+
+
+def upsert(rows: list[dict[str, str]], result: dict[str, str]) -> list[dict[str, str]]:
+    """``rows`` with ``result`` in place of the current-code row of the same experiment, or
+    appended as the next numbered row (its configuration text starts as the experiment name)."""
+    for index, row in enumerate(rows):
+        if row["experiment"] == result["experiment"] and not row["commit"]:
+            return [*rows[:index], {**row, **result}, *rows[index + 1 :]]
+    number = 1 + max((int(row["row"]) for row in rows if row["row"]), default=0)
+    new = {field: "" for field in RESULT_FIELDS} | {
+        "row": str(number),
+        "configuration": result["experiment"],
+        **result,
+    }
+    return [*rows, new]
+
+
+def record(summary: dict, path: Path) -> None:
+    """Write one experiment's result into the results file (``path``)."""
+    write_results(upsert(read_results(path), measured(summary)), path)
+    print(f"recorded {summary['lever']!r} in {path}")
+
+
+def numbered_first(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Experiments in row order, then the unnumbered reference rows."""
+    return sorted(rows, key=lambda row: (not row["row"], int(row["row"] or 0)))
+
+
+def figure(mean: str, std: str) -> str:
+    """``mean ± std``, or the mean alone for a figure without a spread (the reference)."""
+    return f"{mean} ± {std}" if std else mean
+
+
+def experiments_table(rows: list[dict[str, str]]) -> str:
+    """Every experiment: mean ± std over the seeds; the committed default in bold."""
+
+    def bold(text: str, row: dict[str, str]) -> str:
+        return f"**{text}**" if row["default"] and text else text
+
+    return markdown_table(
+        ["#", "configuration (what changed)", "test accuracy", "test ROC-AUC", "measured at"],
+        [
+            [
+                bold(row["row"], row),
+                bold(row["configuration"], row),
+                bold(figure(row["accuracy_mean"], row["accuracy_std"]), row),
+                bold(figure(row["roc_auc_mean"], row["roc_auc_std"]), row),
+                f"`{row['commit']}`" if row["commit"] else "",
+            ]
+            for row in numbered_first(rows)
+        ],
+    )
+
+
+def per_split_table(rows: list[dict[str, str]]) -> str:
+    """The experiments whose every split's scores are recorded."""
+    return markdown_table(
+        ["#", "configuration", "accuracy, seeds 0..4", "ROC-AUC, seeds 0..4"],
+        [
+            [
+                row["row"],
+                row["configuration"],
+                row["accuracy_per_split"].replace(" ", ", "),
+                row["roc_auc_per_split"].replace(" ", ", "),
+            ]
+            for row in numbered_first(rows)
+            if row["accuracy_per_split"]
+        ],
+    )
+
+
+TABLES = {"experiments": experiments_table, "per-split": per_split_table}
+GENERATED = re.compile(
+    r"(<!-- generated by benchmarks/accuracy.py render: (?P<name>[\w-]+) -->\n)"
+    r".*?"
+    r"(<!-- end of generated table -->)",
+    re.DOTALL,
+)
+
+
+def render(markdown: str, rows: list[dict[str, str]]) -> str:
+    """``markdown`` with every generated block rewritten from ``rows``."""
+    return GENERATED.sub(
+        lambda match: f"{match[1]}{TABLES[match['name']](rows)}\n{match[3]}", markdown
+    )
+
+
+def render_command(args: argparse.Namespace) -> int:
+    """``render``: rewrite the generated tables, or with ``--check`` only compare them."""
+    current = args.out.read_text()
+    rendered = render(current, read_results(args.results))
+    if args.check:
+        print(f"{args.out} is {'current' if rendered == current else 'stale'}")
+        return int(rendered != current)
+    args.out.write_text(rendered)
+    print(f"wrote {args.out} from {args.results}")
+    return 0
+
+
+def prepare_workspace(workspace: Path, raw_dir: Path) -> tuple[list[dict], list[str]]:
+    """One manifest for every body (its own split is ignored: each seed re-splits it)."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    prepare(load_params().data, raw_dir, workspace / "prepared")
+    (workspace / "manifest.csv").write_bytes((workspace / "prepared/manifest.csv").read_bytes())
+    return read_manifest(workspace / "manifest.csv"), read_classes(
+        workspace / "prepared/validation.json"
+    )
+
+
+def write_json(out: Path, seeds: list[int], rows: list[dict]) -> None:
+    """Every seed's scores of ``rows``, for a closer look than the results file keeps."""
+    out.write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+def measure_command(args: argparse.Namespace) -> int:
+    """``measure``: score the lever sweep, a params file or a combination, and record it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sweep = load_sweep(args.sweep)
+    rows, classes = prepare_workspace(args.workspace, args.raw)
+    _STATE.update(sweep=sweep, rows=rows, classes=classes)
+    if args.params:
+        row = score_params(
+            args.params, args.workspace, args.raw, args.seeds, args.normalise, args.target
+        )
+        suffix = "" if args.normalise == "none" else f"-{args.normalise}"
+        suffix += "" if args.target == "class" else f"-{args.target}"
+        write_json(args.workspace / f"accuracy-{args.params.stem}{suffix}.json", args.seeds, [row])
+        record(row, args.results)
+        return 0
+    unknown = sorted(set(args.bodies) - set(sweep.bodies))
+    if unknown:
+        sys.exit(f"unknown bodies {unknown} (sweep.yaml has: {', '.join(sweep.bodies)})")
+    _STATE["bodies"] = {
+        name: load_features(extract_body(name, sweep.bodies[name], args.workspace, args.raw))
+        for name in args.bodies
+    }
+    if args.combine:
+        row = score_combination(args.bodies, args.views, args.seeds, sweep)
+        out = args.workspace / f"accuracy-combined-{'+'.join(args.bodies)}-{args.views}.json"
+        write_json(out, args.seeds, [row])
+        record(row, args.results)
+        return 0
+    selected = [
+        lever
+        for lever in sweep.levers
+        if lever.body in args.bodies and (not args.only or any(o in lever.name for o in args.only))
     ]
-    row = summarise(lever, results)
-    print_row(row)
-    return row
+    table = run_sweep(selected, args.seeds, args.workspace / "accuracy.json")
+    for row in table:
+        record(row, args.results)
+    return 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workspace", type=Path, required=True)
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument(
-        "--bodies", nargs="+", default=["224", "300", "300-flip"], choices=list(BODIES)
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = top.add_subparsers(dest="command", required=True)
+    measure = commands.add_parser("measure", help="run experiments and record their results")
+    measure.set_defaults(run=measure_command)
+    measure.add_argument("--workspace", type=Path, required=True)
+    measure.add_argument("--raw", type=Path, default=Path("data/raw"))
+    measure.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    measure.add_argument("--sweep", type=Path, default=SWEEP_FILE, help="bodies and levers")
+    measure.add_argument("--results", type=Path, default=RESULTS_FILE, help="results file")
+    measure.add_argument(
+        "--bodies", nargs="+", default=["224", "300", "300-flip"], help="sweep.yaml body names"
     )
-    parser.add_argument("--only", nargs="*", help="lever names (substring match) to run")
-    parser.add_argument(
+    measure.add_argument("--only", nargs="*", help="lever names (substring match) to run")
+    measure.add_argument(
         "--params",
         type=Path,
         help="score this params.yaml as the pipeline runs it (its backbone, views and head) "
         "instead of the lever sweep",
     )
-    parser.add_argument(
+    measure.add_argument(
         "--normalise",
         choices=list(NORMALISATIONS),
         default="none",
         help="with --params: normalise each view's features first (l2, signed-sqrt)",
     )
-    parser.add_argument(
+    measure.add_argument(
         "--target",
         choices=["class", "levels"],
         default="class",
         help="with --params: train on the class (as the pipeline does) or on ELPV's four defect "
         "levels (defective = P(2/3) + P(1) >= 0.5)",
     )
-    parser.add_argument(
+    measure.add_argument(
         "--combine",
         action="store_true",
-        help="score the --bodies side by side (taps 3..head, meanmax, --views, C 0.01) "
+        help="score the --bodies side by side (sweep.yaml's combine taps and head, --views) "
         "instead of the lever sweep",
     )
-    parser.add_argument(
+    measure.add_argument(
         "--views",
         choices=["none", "flip", "d4"],
         default="flip",
         help="with --combine: the views the head trains on (each body must have them)",
     )
-    parser.add_argument(
+    measure.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.workspace.mkdir(parents=True, exist_ok=True)
-    # One manifest for every body; its own split is ignored (each seed re-splits it).
-    prepare(DataConfig(), args.raw, args.workspace / "prepared")
-    (args.workspace / "manifest.csv").write_bytes(
-        (args.workspace / "prepared/manifest.csv").read_bytes()
+    render_ = commands.add_parser("render", help="rewrite ACCURACY.md's tables from the results")
+    render_.set_defaults(run=render_command)
+    render_.add_argument("--results", type=Path, default=RESULTS_FILE)
+    render_.add_argument("--out", type=Path, default=ACCURACY_MD)
+    render_.add_argument(
+        "--check", action="store_true", help="exit 1 if the tables differ from the results"
     )
-    rows = read_manifest(args.workspace / "manifest.csv")
-    classes = read_classes(args.workspace / "prepared/validation.json")
-    if args.params:
-        _STATE.update(rows=rows, classes=classes)
-        row = score_params(
-            args.params, args.workspace, args.raw, args.seeds, args.normalise, args.target
-        )
-        suffix = "" if args.normalise == "none" else f"-{args.normalise}"
-        suffix += "" if args.target == "class" else f"-{args.target}"
-        out = args.workspace / f"accuracy-{args.params.stem}{suffix}.json"
-        out.write_text(json.dumps({"seeds": args.seeds, "rows": [row]}, indent=2))
-        print(f"wrote {out}")
-        return
-    _STATE.update(
-        rows=rows,
-        classes=classes,
-        bodies={
-            name: load_features(extract_body(name, args.workspace, args.raw))
-            for name in args.bodies
-        },
-    )
-    if args.combine:
-        row = score_combination(args.bodies, args.views, args.seeds, HeadConfig(C=0.01))
-        out = args.workspace / f"accuracy-combined-{'+'.join(args.bodies)}-{args.views}.json"
-        out.write_text(json.dumps({"seeds": args.seeds, "rows": [row]}, indent=2))
-        print(f"wrote {out}")
-        return
-    selected = [
-        lever
-        for lever in levers()
-        if lever.body in args.bodies and (not args.only or any(o in lever.name for o in args.only))
-    ]
-    out = args.workspace / "accuracy.json"
-    run_sweep(selected, args.seeds, out)
-    print(f"wrote {out}")
+    return top
+
+
+def main() -> int:
+    args = parser().parse_args()
+    return args.run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

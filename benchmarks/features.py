@@ -2,7 +2,7 @@
 
     python benchmarks/features.py [--raw data/raw] [--out benchmarks/results/features.json]
 
-What is measured (the default backbone, efficientnet_lite0 'head' tap, views none, batch 32):
+What is measured (on ``BENCH_BODY``: efficientnet_lite0 'head' tap, views none, batch 32):
 
 - ``limit_img_s``: ONNX Runtime over the exported body on pre-decoded uint8 batches in memory
   (the mean of one measurement before and one after the features-stage runs).
@@ -45,7 +45,19 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from headswap.onnx_session import cpu_cores  # noqa: E402
+
 BATCH = 32
+# The body every figure here is measured on (stated in benchmarks/README.md): Lite0, its own
+# input size, the head tap only, one view. Spelled out so a params.yaml change never moves it.
+BENCH_BODY = {
+    "name": "efficientnet_lite0",
+    "weights": None,
+    "image_size": None,
+    "taps": ["head"],
+    "pool": "mean",
+    "ensemble": [],
+}
 TORCH_BATCHES = (1, 4, 8, 32)
 EPOCHS = 10
 
@@ -90,10 +102,11 @@ def run_stage_here(manifest: str, raw: str, cache: str, out: str, workers: int) 
     from headswap.features import extract_features
 
     features = FeaturesConfig(
-        engine="onnxruntime", workers=workers, batch_size=BATCH, cache_dir=cache
+        engine="onnxruntime", views="none", workers=workers, batch_size=BATCH, cache_dir=cache
     )
     with Clock() as clock:
-        result = extract_features(BackboneConfig(), features, Path(manifest), Path(raw), Path(out))
+        body = BackboneConfig(**BENCH_BODY)
+        result = extract_features(body, features, Path(manifest), Path(raw), Path(out))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over execve, so a child would report the
     # parent's peak. VmHWM belongs to this process image alone.
     print(
@@ -149,14 +162,15 @@ def write_rows(rows: list[dict], path: Path) -> Path:
 def prepared_manifest(raw: Path, work: Path) -> tuple[list[dict], list[str]]:
     """The prepare stage over ELPV: manifest rows and class order."""
     from headswap.config import DataConfig
-    from headswap.data import prepare, read_classes, read_manifest
+    from headswap.manifest import read_classes, read_manifest
+    from headswap.prepare import prepare
 
     result = prepare(DataConfig(source=str(raw)), raw, work / "prepared")
     return read_manifest(result.manifest), read_classes(result.report)
 
 
 def decoded(rows: list[dict], raw: Path, count: int, size: int) -> np.ndarray:
-    from headswap.features import load_pixels
+    from headswap.imaging import load_pixels
 
     return np.stack([load_pixels(raw / row["path"], size) for row in rows[:count]])
 
@@ -177,11 +191,11 @@ def images_per_second(
 def engine_figures(rows: list[dict], raw: Path, cache: Path, args) -> tuple[dict, Callable]:
     """torch_eager_img_s and ONNX Runtime's limit on the same in-memory batches, plus a function
     that measures the limit again (after the pipeline runs, since the machine's load drifts)."""
-    from headswap.backbones import load_body
+    from headswap.backbones.loader import load_body
     from headswap.config import BackboneConfig
-    from headswap.features import body_onnx_path, cpu_cores, export_body, onnx_runner
+    from headswap.engine import body_onnx_path, export_body, onnx_runner
 
-    backbone = BackboneConfig()
+    backbone = BackboneConfig(**BENCH_BODY)
     body, spec = load_body(backbone)
     onnx_path = export_body(body, spec.preprocessing.size, body_onnx_path(cache, spec, backbone))
     pixels = decoded(rows, raw, args.limit_images, spec.preprocessing.size)
@@ -243,12 +257,12 @@ def tutorial_phase_seconds(rows: list[dict], raw: Path, args) -> dict[str, tuple
     """
     from torchvision import transforms
 
-    from headswap.backbones import _architecture, _load_weights, resolve_backbone
+    from headswap.backbones.loader import build_architecture, load_weights, resolve_backbone
     from headswap.config import BackboneConfig
 
-    spec = resolve_backbone(BackboneConfig())
-    model, _ = _architecture(spec.name)
-    _load_weights(spec.name, model, spec.weights_path)
+    spec = resolve_backbone(BackboneConfig(**BENCH_BODY))
+    model, _ = build_architecture(spec.name)
+    load_weights(spec.name, model, spec.weights_path)
     for parameter in model.parameters():
         parameter.requires_grad = False
     model.classifier = torch.nn.Linear(model.classifier.in_features, 2)
@@ -302,16 +316,16 @@ def naive_seconds_per_image(rows: list[dict], raw: Path, args) -> tuple[float, f
     """(wall, CPU) seconds per image of a *favourable* tutorial loop, a lower bound for it:
     headswap's fast uint8 decoder, batch 32, the body in eval mode under no_grad, a linear head
     step."""
-    from headswap.backbones import load_body, resolve_backbone
+    from headswap.backbones.loader import load_body, resolve_backbone
     from headswap.config import BackboneConfig
-    from headswap.features import pixel_batches
+    from headswap.engine import pixel_batches
 
-    body, _ = load_body(BackboneConfig())
+    body, _ = load_body(BackboneConfig(**BENCH_BODY))
     head = torch.nn.Linear(1280, 2)
     optimizer = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
     subset = rows[: args.naive_images]
     labels = torch.tensor([int(row["label"] == "defective") for row in subset])
-    spec = resolve_backbone(BackboneConfig())
+    spec = resolve_backbone(BackboneConfig(**BENCH_BODY))
     batches = pixel_batches([raw / row["path"] for row in subset], spec, BATCH, args.workers)
     with Clock() as clock:
         naive_loop(body, head, optimizer, batches, labels)
@@ -330,8 +344,8 @@ def naive_loop(body, head, optimizer, batches, labels) -> None:
 
 def head_seconds(features_path: Path, classes: list[str]) -> tuple[float, float]:
     from headswap.config import HeadConfig
-    from headswap.features import load_features
-    from headswap.heads import train_head
+    from headswap.feature_set import load_features
+    from headswap.train import train_head
 
     with Clock() as clock:
         train_head(load_features(features_path), classes, HeadConfig(device="cpu"))
@@ -340,7 +354,7 @@ def head_seconds(features_path: Path, classes: list[str]) -> tuple[float, float]
 
 def doubled_dataset(rows: list[dict], raw: Path, work: Path) -> tuple[list[dict], Path]:
     """ELPV twice: the originals (linked) plus copies with one trailing byte (new sha256)."""
-    from headswap.imaging import sha256_file
+    from headswap.io import file_sha256
 
     root = work / "doubled"
     (root / "copy").mkdir(parents=True)
@@ -350,7 +364,7 @@ def doubled_dataset(rows: list[dict], raw: Path, work: Path) -> tuple[list[dict]
         target = root / "copy" / row["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((raw / row["path"]).read_bytes() + b"\0")
-        doubled.append({**row, "path": f"copy/{row['path']}", "sha256": sha256_file(target)})
+        doubled.append({**row, "path": f"copy/{row['path']}", "sha256": file_sha256(target)})
     return doubled, root
 
 
@@ -395,7 +409,7 @@ def machine() -> dict:
 
     return {
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": cpu_cores(),
         "load_average": os.getloadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -11,7 +11,7 @@ package). It measures, with the same batch size:
 - ``pipeline_img_s``: headswap's features stage code path from image files (decoding workers,
   pinned host->device copies, the same autocast + channels_last body, cache writes), run twice
   with a cold cache; the second run is the steady state. ``pipeline_vs_raw`` is its ratio.
-- ``head``: the logistic head trained on the GPU (headswap.heads.train_head when the pipeline's
+- ``head``: the logistic head trained on the GPU (headswap.train.train_head when the pipeline's
   dependencies are installed, else an equivalent full-batch L-BFGS logistic regression).
 
 It needs only torch, timm, numpy and pillow (pydantic, if present, lets it use the real
@@ -35,15 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from headswap.backbones import load_body  # noqa: E402
+from headswap.backbones.loader import load_body  # noqa: E402
+from headswap.engine import EmbeddingJob, embed_missing, torch_runner  # noqa: E402
 from headswap.feature_cache import FeatureCache  # noqa: E402
-from headswap.features import (  # noqa: E402
-    embed_missing,
-    load_pixels,
-    torch_runner,
-    write_features,
-)
-from headswap.imaging import IMAGE_SUFFIXES, sha256_file  # noqa: E402
+from headswap.feature_set import load_features, write_features  # noqa: E402
+from headswap.imaging import IMAGE_SUFFIXES, load_pixels  # noqa: E402
+from headswap.io import file_sha256  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,7 +61,14 @@ def backbone_config(weights: Path, taps: list):
     try:
         from headswap.config import BackboneConfig
 
-        return BackboneConfig(weights=str(weights), taps=taps)
+        return BackboneConfig(
+            name="efficientnet_lite0",
+            weights=str(weights),
+            image_size=None,
+            taps=taps,
+            pool="mean",
+            ensemble=[],
+        )
     except ImportError:
         return SimpleNamespace(
             name="efficientnet_lite0", weights=str(weights), image_size=None, taps=taps, pool="mean"
@@ -81,7 +85,7 @@ def manifest_rows(root: Path) -> list[dict]:
             rows.append(
                 {
                     "path": str(path.relative_to(root)),
-                    "sha256": sha256_file(path),
+                    "sha256": file_sha256(path),
                     "label": label_dir.name,
                     "split": split,
                 }
@@ -135,7 +139,8 @@ def pipeline(body, spec, rows, root: Path, work: Path, args) -> dict:
         sync(args.device)
         started = time.perf_counter()
         paths = [root / row["path"] for row in rows]
-        embed_missing(paths, [row["sha256"] for row in rows], runner, spec, config, cache)
+        hashes = [row["sha256"] for row in rows]
+        embed_missing(EmbeddingJob(paths, hashes, spec, None, config, cache), runner)
         write_features(rows, cache, work / f"features{attempt}.npz")
         runs.append(len(rows) / (time.perf_counter() - started))
     return {
@@ -147,12 +152,11 @@ def pipeline(body, spec, rows, root: Path, work: Path, args) -> dict:
 
 def train_logistic(features_path: Path, classes: list[str], device: str) -> dict:
     """headswap's head trainer on the device, or an equivalent L-BFGS logistic regression."""
-    from headswap.features import load_features
-
     data = load_features(features_path)
     try:
         from headswap.config import HeadConfig
-        from headswap.heads import predict_proba, train_head
+        from headswap.heads import predict_proba
+        from headswap.train import train_head
     except ImportError:
         return fallback_logistic(data, classes, device)
     started = time.perf_counter()
@@ -162,7 +166,7 @@ def train_logistic(features_path: Path, classes: list[str], device: str) -> dict
     predicted = predict_proba(head, test_x).argmax(axis=1)
     accuracy = float(np.mean(np.array(classes)[predicted] == test_labels))
     return {
-        "trainer": "headswap.heads.train_head",
+        "trainer": "headswap.train.train_head",
         "device": meta.device,
         "train_seconds": seconds,
         "test_accuracy": accuracy,

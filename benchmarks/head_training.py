@@ -4,7 +4,7 @@ Usage (after `make run` or `dvc repro features`, from the repository root)::
 
     python benchmarks/head_training.py data/features/features.npz data/prepared/validation.json
 
-Each row trains one head with ``headswap.heads.train_head`` on the features' train split (fit,
+Each row trains one head with ``headswap.train.train_head`` on the features' train split (fit,
 temperature and threshold included) and reports wall seconds; the reference row fits
 scikit-learn's LogisticRegression (lbfgs, same C) on the same standardised train matrix in the
 same process, so the ratio holds on a busy machine.
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from headswap.config import HeadConfig
-from headswap.data import read_classes
-from headswap.features import load_features
-from headswap.heads import train_head
+from headswap.feature_set import load_features
+from headswap.manifest import read_classes
+from headswap.train import train_head
 
 HEADS = {
-    "logistic C=1": HeadConfig(device="cpu"),
+    "logistic C=1": HeadConfig(C=1.0, device="cpu"),
     "logistic C=0.01 (the default)": HeadConfig(C=0.01, device="cpu"),
     "logistic C=auto (5-fold CV over 9 C)": HeadConfig(C="auto", device="cpu"),
     "mlp 512, dropout 0.5": HeadConfig(

@@ -59,13 +59,13 @@ def save_experiment(name: str, message: str) -> str:
     return workspace.experiment_rev(name)
 
 
-# No task retries on the MLflow tasks: MLflow's HTTP client retries (registry.HTTP_RETRY_POLICY).
+# No task retries on the MLflow tasks: MLflow's HTTP client retries (tracking.HTTP_RETRY_POLICY).
 @task(
     name="link MLflow run",
     task_run_name="link MLflow run to the DVC experiment",
 )
 def link_mlflow_run(result: dict, links: dict[str, str]) -> None:
-    from headswap.registry import apply_http_retry_policy
+    from headswap.tracking import apply_http_retry_policy
 
     # This process makes its own MLflow client here: the same one retry policy applies to it.
     apply_http_retry_policy(result["tracking_uri"])
@@ -106,7 +106,7 @@ def train(parameters: TrainParameters | None = None) -> dict:
         previous_run = summaries.registered_run_id()
         for stage in workspace.pipeline_stages():
             # No task retries: compute stages fail fast, and register's MLflow calls retry
-            # inside MLflow's HTTP client (registry.HTTP_RETRY_POLICY); a task retry on top
+            # inside MLflow's HTTP client (tracking.HTTP_RETRY_POLICY); a task retry on top
             # multiplied the wait for a tracking server that is down to over 7 minutes.
             run_stage.with_options(task_run_name=STAGE_TITLES.get(stage, stage))(stage, env)
             if stage == "ingest":

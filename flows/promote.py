@@ -1,7 +1,8 @@
 """The ``promote`` flow: gate the challenger against the champion and move the alias if it passes.
 
-A thin wrapper over ``headswap.promotion.promote`` (the same code as ``headswap promote``): it
-publishes the side-by-side comparison as a table artifact and returns the audit entry.
+A thin wrapper over ``headswap.promotion.promote.promote_version`` (the same code as
+``headswap promote``): it publishes the side-by-side comparison as a table artifact and returns
+the audit entry.
 
     python -m flows.promote        # ephemeral Prefect, no server needed
 """
@@ -29,7 +30,8 @@ def promote(
             (needs ``reason``; recorded as an override).
     """
     from headswap.config import load_params
-    from headswap.promotion import PromotionFiles, promote_version
+    from headswap.promotion.promote import promote_version
+    from headswap.promotion.scoring import PromotionFiles
 
     params = load_params("params.yaml")
     outcome = promote_version(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.workspace import create_workspace
+from tests.helpers.workspace import create_workspace
 
 
 @pytest.fixture(scope="session")
@@ -32,13 +33,14 @@ def make_workspace(tmp_path_factory, feature_cache) -> Callable[..., Path]:
 def _tracking_uri_restored() -> Iterator[None]:
     """Put MLflow's process-wide tracking URI back after each test.
 
-    Tests that log through MLflow's fluent API call ``mlflow.set_tracking_uri``, which also sets
-    ``MLFLOW_TRACKING_URI`` in ``os.environ``; a later test's subprocesses would inherit that
-    store instead of their workspace's own.
+    Tests that log through MLflow's fluent API call ``mlflow.set_tracking_uri``, which sets
+    ``MLFLOW_TRACKING_URI`` in ``os.environ`` and a process-wide value that outranks it; a later
+    test would talk to a server that is gone, and its subprocesses would inherit that store
+    instead of their workspace's own.
     """
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    if os.environ.get("MLFLOW_TRACKING_URI") != before:
-        import mlflow
+    if "mlflow" in sys.modules:  # nothing to undo in a test that never imported MLflow
+        from headswap.tracking import restore_tracking_uri_variable
 
-        mlflow.set_tracking_uri(before)  # None clears the global and the variable
+        restore_tracking_uri_variable(before)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from headswap import paths
 from headswap.errors import ERROR_PREFIX, HeadswapError
 from headswap.runlock import refuse_if_held
 
@@ -26,11 +26,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
-RAW_DIR = Path("data/raw")
-PREPARED = Path("data/prepared")
-FEATURES = Path("data/features/features.npz")
-MODELS = Path("models")
-REPORTS = Path("reports")
 
 
 # The dvc.yaml stages: a bare `dvc repro` runs them outside any driver's workspace lock.
@@ -78,12 +73,12 @@ def _params(path: Path):
 
 @app.command()
 @friendly_errors
-def ingest(params: ParamsOption = Path("params.yaml")) -> None:
+def ingest(params: ParamsOption = paths.PARAMS) -> None:
     """Sync data.source (ELPV or an ImageFolder) into data/raw: added, removed and replaced
     images are mirrored, unchanged ones are left alone (the `ingest` stage of dvc.yaml)."""
-    from headswap.data import ingest as run_ingest
+    from headswap.ingest import ingest as run_ingest
 
-    result = run_ingest(_params(params).data, RAW_DIR)
+    result = run_ingest(_params(params).data, paths.RAW_DIR)
     total = sum(result.class_counts.values())
     if not result.changed:
         console.print(f"data/raw is up to date with data.source: {total} files, nothing changed")
@@ -107,11 +102,11 @@ def ingest(params: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command()
 @friendly_errors
-def prepare(params: ParamsOption = Path("params.yaml")) -> None:
+def prepare(params: ParamsOption = paths.PARAMS) -> None:
     """Validate data/raw, split it, and write the manifest and validation report."""
-    from headswap.data import prepare as run_prepare
+    from headswap.prepare import prepare as run_prepare
 
-    result = run_prepare(_params(params).data, RAW_DIR, PREPARED)
+    result = run_prepare(_params(params).data, paths.RAW_DIR, paths.PREPARED_DIR)
     console.print(f"manifest: {result.manifest} {result.class_counts}")
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
@@ -132,32 +127,30 @@ def prepare(params: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command()
 @friendly_errors
-def features(params: ParamsOption = Path("params.yaml")) -> None:
+def features(params: ParamsOption = paths.PARAMS) -> None:
     """Embed every manifest image with the frozen body (cached per image and configuration)."""
     from headswap.features import extract_features
 
     config = _params(params)
     result = extract_features(
-        config.backbone, config.features, PREPARED / "manifest.csv", RAW_DIR, FEATURES
+        config.backbone, config.features, paths.MANIFEST, paths.RAW_DIR, paths.FEATURES
     )
-    console.print(
-        f"features: {result.images} images x {result.views} view(s) x {result.dim} dims "
-        f"({result.cache_hits} from cache, engine {result.engine})"
-    )
+    shape = f"{result.images} images x {result.views} view(s) x {result.dim} dims"
+    console.print(f"features: {shape} ({result.cache_hits} from cache, engine {result.engine})")
 
 
 @app.command()
 @friendly_errors
-def train(params: ParamsOption = Path("params.yaml")) -> None:
+def train(params: ParamsOption = paths.PARAMS) -> None:
     """Train the head on the train split; fit temperature and threshold on the val split."""
-    from headswap.data import read_classes
-    from headswap.features import load_features
-    from headswap.heads import save_head, train_head
+    from headswap.feature_set import load_features
+    from headswap.manifest import read_classes
+    from headswap.train import save_head, train_head
 
     config = _params(params)
-    classes = read_classes(PREPARED / "validation.json")
-    head, meta = train_head(load_features(FEATURES), classes, config.head, config.evaluate)
-    save_head(head, meta, MODELS / "head.pt", MODELS / "head.json")
+    classes = read_classes(paths.VALIDATION)
+    head, meta = train_head(load_features(paths.FEATURES), classes, config.head, config.evaluate)
+    save_head(head, meta, paths.HEAD_WEIGHTS, paths.HEAD_META)
     console.print(
         f"head: {meta.type} C={meta.C:g} on {meta.device} in {meta.train_seconds:.2f}s, "
         f"temperature {meta.temperature:.3f}, threshold {meta.threshold}"
@@ -166,17 +159,16 @@ def train(params: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command()
 @friendly_errors
-def evaluate(params: ParamsOption = Path("params.yaml")) -> None:
+def evaluate(params: ParamsOption = paths.PARAMS) -> None:
     """Score the test split: metrics.json, predictions.csv and plots."""
     from headswap.evaluate import evaluate_head
-    from headswap.features import load_features
+    from headswap.feature_set import load_features
     from headswap.heads import load_head
 
-    config = _params(params)
-    head, meta = load_head(MODELS / "head.pt", MODELS / "head.json")
-    result = evaluate_head(
-        head, meta, load_features(FEATURES), PREPARED / "manifest.csv", config.evaluate, REPORTS
-    )
+    evaluation = _params(params).evaluate
+    head, meta = load_head(paths.HEAD_WEIGHTS, paths.HEAD_META)
+    features = load_features(paths.FEATURES)
+    result = evaluate_head(head, meta, features, paths.MANIFEST, evaluation, paths.REPORTS_DIR)
     m = result.metrics
     console.print(
         f"test: accuracy {m['accuracy']:.4f}, roc_auc {_four_places(m['roc_auc'])}, "
@@ -186,34 +178,27 @@ def evaluate(params: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command()
 @friendly_errors
-def export(params: ParamsOption = Path("params.yaml")) -> None:
+def export(params: ParamsOption = paths.PARAMS) -> None:
     """Export body + head to models/model.onnx and check it against torch."""
     from headswap.export import export_onnx
     from headswap.heads import load_head
 
     config = _params(params)
-    head, meta = load_head(MODELS / "head.pt", MODELS / "head.json")
+    head, meta = load_head(paths.HEAD_WEIGHTS, paths.HEAD_META)
+    sections = (config.backbone, config.features, config.export)
     result = export_onnx(
-        config.backbone,
-        config.features,
-        config.export,
-        head,
-        meta,
-        REPORTS / "predictions.csv",
-        RAW_DIR,
-        MODELS / "model.onnx",
-        REPORTS / "export_parity.json",
+        *sections, head, meta, paths.PREDICTIONS, paths.RAW_DIR, paths.MODEL, paths.PARITY
     )
     console.print(f"exported {result.model_path} (max |onnx - torch| = {result.max_abs_diff:.2e})")
 
 
 @app.command()
 @friendly_errors
-def register(params: ParamsOption = Path("params.yaml")) -> None:
+def register(params: ParamsOption = paths.PARAMS) -> None:
     """Log the MLflow run, register the ONNX model, set aliases; writes models/registry.json."""
-    from headswap.registry import StageFiles, register_model
+    from headswap.register import StageFiles, register_model
 
-    registration = register_model(_params(params), StageFiles(), MODELS / "registry.json")
+    registration = register_model(_params(params), StageFiles(), paths.REGISTRATION)
     if registration.reused:
         console.print(
             f"already registered: {registration.model_name} v{registration.version} in "
@@ -231,7 +216,7 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
 @app.command()
 @friendly_errors
 def promote(
-    params: ParamsOption = Path("params.yaml"),
+    params: ParamsOption = paths.PARAMS,
     version: Annotated[int | None, typer.Option(help="version (default: @challenger)")] = None,
     force: Annotated[
         bool, typer.Option(help="promote even if gate rules fail (needs --reason; recorded)")
@@ -247,10 +232,11 @@ def promote(
     reason: Annotated[str, typer.Option(help="why, for the audit history")] = "",
 ) -> None:
     """Re-score challenger and champion on the test split; move @champion if the gate passes."""
-    from headswap.promotion import PromotionFiles, promote_version
+    from headswap.promotion.promote import promote_version
+    from headswap.promotion.scoring import PromotionFiles
 
     config = _params(params)
-    files = PromotionFiles(PREPARED / "manifest.csv", RAW_DIR)
+    files = PromotionFiles(paths.MANIFEST, paths.RAW_DIR)
     outcome = promote_version(
         config.registry,
         files,
@@ -268,11 +254,6 @@ def promote(
     console.print(f"[bold {colour}]{outcome.message}[/]", highlight=False, soft_wrap=True)
     if not outcome.promoted and outcome.entry:
         raise typer.Exit(1)
-
-
-def _wide_console() -> Console:
-    """Tables on stdout; when piped or captured, wide enough that no cell wraps mid-word."""
-    return Console() if sys.stdout.isatty() else Console(width=240)
 
 
 def _print_comparison(comparison) -> None:
@@ -293,12 +274,12 @@ def _print_comparison(comparison) -> None:
     for row in rows:
         style = "red" if row["result"] == "FAIL" else None
         table.add_row(*row.values(), style=style)
-    _wide_console().print(table)
+    _table_console().print(table)
 
 
 @app.command()
 @friendly_errors
-def history(params: ParamsOption = Path("params.yaml")) -> None:
+def history(params: ParamsOption = paths.PARAMS) -> None:
     """List the promotion audit history (who moved @champion, when, why, and the gate's result).
 
     Moves of @champion made outside headswap (the MLflow UI's alias pencil) show as out-of-band
@@ -306,7 +287,7 @@ def history(params: ParamsOption = Path("params.yaml")) -> None:
     """
     from rich.table import Table
 
-    from headswap.promotion import audit_view
+    from headswap.promotion.audit import audit_view
 
     config = _params(params).registry
     view = audit_view(config)
@@ -330,7 +311,7 @@ def history(params: ParamsOption = Path("params.yaml")) -> None:
         )
     if len(view.entries) in moves:
         table.add_row(*_out_of_band_row(moves[len(view.entries)]), style="yellow")
-    _wide_console().print(table)
+    _table_console().print(table)
     if view.warning:
         console.print(f"[yellow]warning:[/] {view.warning}", highlight=False, soft_wrap=True)
 
@@ -371,11 +352,11 @@ def _audit_verdict(entry: dict) -> str:
 @app.command()
 @friendly_errors
 def rollback(
-    params: ParamsOption = Path("params.yaml"),
+    params: ParamsOption = paths.PARAMS,
     reason: Annotated[str, typer.Option(help="why, for the audit history")] = "",
 ) -> None:
     """Move @champion back to the previous champion (recorded in the audit history)."""
-    from headswap.promotion import rollback as run_rollback
+    from headswap.promotion.promote import rollback as run_rollback
 
     entry = run_rollback(_params(params).registry, reason=reason)
     console.print(f"champion rolled back: v{entry['old_version']} -> v{entry['new_version']}")
@@ -401,7 +382,7 @@ def predict(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
-    params: ParamsOption = Path("params.yaml"),
+    params: ParamsOption = paths.PARAMS,
 ) -> None:
     """Batch-predict images with a registered ONNX model; one CSV row per image."""
     from headswap.predict import (
@@ -440,7 +421,7 @@ def repro(
 @app.command("learning-curve")
 @friendly_errors
 def learning_curve(
-    params: ParamsOption = Path("params.yaml"),
+    params: ParamsOption = paths.PARAMS,
     sizes: Annotated[str, typer.Option(help="training images per class; 'all' = whole split")] = (
         "10,25,50,100,200,all"
     ),
@@ -448,19 +429,21 @@ def learning_curve(
     mlflow_log: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="log a run")] = True,
 ) -> None:
     """Test accuracy and ROC-AUC against training-set size, from the cached features."""
-    from headswap.data import read_classes
-    from headswap.features import load_features
+    from headswap.feature_set import load_features
     from headswap.learning_curve import learning_curve as run_curve
     from headswap.learning_curve import log_to_mlflow, parse_sizes, write_outputs
+    from headswap.manifest import read_classes
 
     config = _params(params)
-    if not FEATURES.is_file():
+    if not paths.FEATURES.is_file():
         from headswap.errors import DataError
 
-        raise DataError(f"{FEATURES} not found: run `dvc repro features` (or `make run`) first")
-    classes = read_classes(PREPARED / "validation.json")
+        raise DataError(
+            f"{paths.FEATURES} not found: run `dvc repro features` (or `make run`) first"
+        )
+    classes = read_classes(paths.VALIDATION)
     points = run_curve(
-        load_features(FEATURES),
+        load_features(paths.FEATURES),
         classes,
         config.head,
         config.evaluate.threshold,
@@ -468,7 +451,7 @@ def learning_curve(
         seeds,
     )
     title = f"{config.backbone.name} + {config.head.type} head: learning curve ({seeds} seeds)"
-    outputs = write_outputs(points, REPORTS, title)
+    outputs = write_outputs(points, paths.REPORTS_DIR, title)
     for p in points:
         auc = "n/a" if p.roc_auc_mean is None else f"{p.roc_auc_mean:.4f} ± {p.roc_auc_std:.4f}"
         console.print(
@@ -482,7 +465,7 @@ def learning_curve(
 
 @app.command("check-params")
 @friendly_errors
-def check_params(params: ParamsOption = Path("params.yaml")) -> None:
+def check_params(params: ParamsOption = paths.PARAMS) -> None:
     """Validate params.yaml and print the resolved configuration."""
     print(json.dumps(_params(params).model_dump(mode="json"), indent=2))
 
@@ -526,13 +509,13 @@ def backbones(
     all_torchvision: Annotated[
         bool, typer.Option("--all", help="every torchvision classifier, weights or not")
     ] = False,
-    params: ParamsOption = Path("params.yaml"),
+    params: ParamsOption = paths.PARAMS,
 ) -> None:
     """List backbones: the taps they offer, the feature size for the configured taps and pool,
     and whether their weights are on disk (and where they are expected)."""
     from rich.table import Table
 
-    from headswap.backbones import describe_backbone, known_backbones
+    from headswap.backbones.loader import describe_backbone, known_backbones
     from headswap.config import BackboneConfig
 
     config = _params(params).backbone if params.is_file() else BackboneConfig()
@@ -557,9 +540,9 @@ def backbones(
 
 
 def _table_console() -> Console:
-    """stdout console; wide when piped, so paths and keys are not folded into 80 columns."""
+    """Tables on stdout; when piped or captured, wide enough that no cell, path or key wraps."""
     plain = Console()
-    return plain if plain.is_terminal else Console(width=200)
+    return plain if plain.is_terminal else Console(width=240)
 
 
 cache_app = typer.Typer(help="The shared per-image embedding cache.", no_args_is_help=True)
@@ -584,9 +567,7 @@ def _cache_root(cache_dir: Path | None, params: Path) -> Path:
 
 @cache_app.command("info")
 @friendly_errors
-def cache_info(
-    cache_dir: CacheDirOption = None, params: ParamsOption = Path("params.yaml")
-) -> None:
+def cache_info(cache_dir: CacheDirOption = None, params: ParamsOption = paths.PARAMS) -> None:
     """Size, entries per key, and the hit rate of the last run."""
     from rich.table import Table
 
@@ -643,7 +624,7 @@ def cache_prune(
     ] = False,
     apply: Annotated[bool, typer.Option("--apply", help="delete (default: dry run)")] = False,
     cache_dir: CacheDirOption = None,
-    params: ParamsOption = Path("params.yaml"),
+    params: ParamsOption = paths.PARAMS,
 ) -> None:
     """Remove stale entries (dry run unless --apply). Torn entries and crashed writers' temp
     files are always removed."""
@@ -651,13 +632,13 @@ def cache_prune(
 
     keep = None
     if unreferenced:
-        from headswap.backbones import resolve_backbone
-        from headswap.data import read_manifest
+        from headswap.backbones.loader import resolve_backbone
         from headswap.features import feature_cache_key
+        from headswap.manifest import read_manifest
 
         config = _params(params)
         key = feature_cache_key(resolve_backbone(config.backbone), config.backbone, config.features)
-        keep = {key: {row["sha256"] for row in read_manifest(PREPARED / "manifest.csv")}}
+        keep = {key: {row["sha256"] for row in read_manifest(paths.MANIFEST)}}
     root = _cache_root(cache_dir, params)
     report = prune_cache(root, keep=keep, older_than_days=older_than, apply=apply)
     verb = "removed" if apply else "would remove (dry run; --apply to delete)"
@@ -666,10 +647,6 @@ def cache_prune(
         f"{report.bodies} ONNX bodies, {report.temp_files} temp files, "
         f"{report.bytes / 1e6:.1f} MB; keys emptied: {len(report.keys)}"
     )
-
-
-def main() -> None:
-    sys.exit(app())
 
 
 def _four_places(value: float | None) -> str:

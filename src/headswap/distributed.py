@@ -17,13 +17,20 @@ after a barrier every rank gathers the same complete features from the cache.
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+import torch.distributed as dist
+
+from headswap.backbones.loader import load_body
+from headswap.engine import EmbeddingJob, embed_missing, make_runner
+
 if TYPE_CHECKING:
-    from headswap.backbones import BackboneSpec, Body
-    from headswap.config import BackboneConfig, FeaturesConfig
-    from headswap.features import FeatureCache
+    from headswap.backbones.body import Body
+    from headswap.config import FeaturesConfig
 
 
 def shard(paths: list[Path], hashes: list[str], n_shards: int, batch_size: int) -> list[tuple]:
@@ -36,24 +43,14 @@ def shard(paths: list[Path], hashes: list[str], n_shards: int, batch_size: int) 
     ]
 
 
-def embed_shard(
-    index: int,
-    paths: list[Path],
-    hashes: list[str],
-    backbone: BackboneConfig,
-    config: FeaturesConfig,
-    cache: FeatureCache,
-) -> int:
+def embed_shard(index: int, job: EmbeddingJob) -> int:
     """Embed one shard on a Dask worker and write it to the cache; returns the image count."""
-    from headswap.backbones import load_body
-    from headswap.features import embed_missing, make_runner
-
     # Dask worker processes are daemonic and may not fork DataLoader workers: decode inline.
-    local = config.model_copy(update={"workers": 0, "executor": "local"})
-    body, spec = load_body(backbone)
-    runner, _ = make_runner(body, spec, backbone, local, cache.dir.parent.parent)
-    embed_missing(paths, hashes, runner, spec, local, cache)
-    return len(paths)
+    local = job.with_config(workers=0, executor="local")
+    body, _ = load_body(job.backbone)
+    runner, _ = make_runner(body, local)
+    embed_missing(local, runner)
+    return len(job.paths)
 
 
 def task_runner(config: FeaturesConfig):
@@ -74,49 +71,34 @@ def task_runner(config: FeaturesConfig):
     )
 
 
-def embed_on_dask(
-    paths: list[Path],
-    hashes: list[str],
-    backbone: BackboneConfig,
-    config: FeaturesConfig,
-    cache: FeatureCache,
-) -> int:
-    """Embed ``paths`` across the Dask cluster; returns how many images were embedded."""
+def embed_on_dask(job: EmbeddingJob) -> int:
+    """Embed the job's images across the Dask cluster; returns how many were embedded."""
     # Prefect is imported here, not at module level, so torchrun ranks do not need it.
     from prefect import flow, task
 
-    shards = shard(paths, hashes, config.dask_workers, config.batch_size)
+    config = job.config
+    shards = shard(job.paths, job.hashes, config.dask_workers, config.batch_size)
     shard_task = task(embed_shard, name="embed shard", task_run_name="embed shard {index}")
 
     @flow(name="features-dask", task_runner=task_runner(config), log_prints=True)
     def embed_shards() -> int:
         futures = [
-            shard_task.submit(index, shard_paths, shard_hashes, backbone, config, cache)
-            for index, (shard_paths, shard_hashes) in enumerate(shards)
+            shard_task.submit(index, replace(job, paths=paths, hashes=hashes))
+            for index, (paths, hashes) in enumerate(shards)
         ]
         return sum(future.result() for future in futures)
 
     return embed_shards()
 
 
-def embed_distributed(
-    paths: list[Path],
-    hashes: list[str],
-    body: Body,
-    spec: BackboneSpec,
-    backbone: BackboneConfig,
-    config: FeaturesConfig,
-    cache: FeatureCache,
-) -> str:
-    """Embed ``paths`` into ``cache`` with ``features.executor``; returns the engine description."""
-    from headswap.features import make_runner
-
-    if config.executor == "torchrun":
-        return embed_on_ranks(paths, hashes, body, spec, backbone, config, cache)
+def embed_distributed(job: EmbeddingJob, body: Body) -> str:
+    """Embed the job's images with ``features.executor``; returns the engine description."""
+    if job.config.executor == "torchrun":
+        return embed_on_ranks(job, body)
     # Build the engine once here: for ONNX Runtime this exports the body ONNX into the cache
     # before the workers look for it, so they never race to export it.
-    _, engine = make_runner(body, spec, backbone, config, cache.dir.parent.parent)
-    embed_on_dask(paths, hashes, backbone, config, cache)
+    _, engine = make_runner(body, job)
+    embed_on_dask(job)
     return f"{engine} on dask"
 
 
@@ -125,23 +107,8 @@ def rank_slice(n_items: int, rank: int, world_size: int) -> slice:
     return slice(n_items * rank // world_size, n_items * (rank + 1) // world_size)
 
 
-def embed_on_ranks(
-    paths: list[Path],
-    hashes: list[str],
-    body: Body,
-    spec: BackboneSpec,
-    backbone: BackboneConfig,
-    config: FeaturesConfig,
-    cache: FeatureCache,
-) -> str:
+def embed_on_ranks(job: EmbeddingJob, body: Body) -> str:
     """This rank's slice of the images, on its own GPU (or CPU with gloo); all ranks sync twice."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    from headswap.features import embed_missing, make_runner
-
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:  # before the runner moves the body: "cuda" then means this rank's GPU
@@ -149,8 +116,7 @@ def embed_on_ranks(
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     dist.barrier()  # every rank listed the missing images before anyone writes to the cache
-    runner, engine = make_runner(body, spec, backbone, config, cache.dir.parent.parent)
-    share = rank_slice(len(paths), rank, world_size)
-    embed_missing(paths[share], hashes[share], runner, spec, config, cache)
+    runner, engine = make_runner(body, job)
+    embed_missing(job.part(rank_slice(len(job.paths), rank, world_size)), runner)
     dist.barrier()  # every slice is in the cache before any rank gathers
     return f"{engine} on {world_size} ranks"

@@ -25,6 +25,10 @@ class RegistryError(HeadswapError):
     """The MLflow tracking server or model registry refused or could not be reached."""
 
 
+class PromotionError(HeadswapError):
+    """A promotion or rollback cannot be carried out (nothing to promote, nothing to roll back)."""
+
+
 # How the CLI prints a HeadswapError: one line, so a driver that ran a stage as a subprocess can
 # find the reason in the stage's output.
 ERROR_PREFIX = "error: "

@@ -11,14 +11,15 @@ import numpy as np
 from sklearn import metrics as skm
 
 from headswap.config import EvaluateConfig
-from headswap.data import read_manifest
 from headswap.io import atomic_write_text, csv_text
+from headswap.manifest import read_manifest
+from headswap.metrics import expected_calibration_error, percentile_bootstrap
+from headswap.paths import METRICS, PLOTS_DIR, PREDICTIONS
+from headswap.plots import write_plots
 
 if TYPE_CHECKING:  # torch-backed; imported where used so the metric functions stay light
-    from headswap.features import FeatureSet
+    from headswap.feature_set import FeatureSet
     from headswap.heads import Head, HeadMeta
-
-ECE_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -32,19 +33,6 @@ def decide(probabilities: np.ndarray, threshold: float | None) -> np.ndarray:
     if threshold is not None and probabilities.shape[1] == 2:
         return (probabilities[:, 1] >= threshold).astype(np.int64)
     return probabilities.argmax(axis=1)
-
-
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Top-label ECE with equal-width confidence bins."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, ECE_BINS + 1)
-    total = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total)
 
 
 def roc_auc(probabilities: np.ndarray, labels: np.ndarray) -> float | None:
@@ -100,20 +88,16 @@ def bootstrap_ci(
     """Percentile 95% intervals for accuracy and ROC-AUC over resampled test sets."""
     if rounds == 0:
         return {}
-    rng = np.random.default_rng(seed)
-    accuracies, aucs = [], []
-    for _ in range(rounds):
-        sample = rng.integers(0, len(labels), len(labels))
-        accuracies.append(float((predictions[sample] == labels[sample]).mean()))
-        auc = roc_auc(probabilities[sample], labels[sample])
-        if auc is not None:
-            aucs.append(auc)
-    ci = {
-        "accuracy": [float(np.percentile(accuracies, 2.5)), float(np.percentile(accuracies, 97.5))]
-    }
-    if aucs:
-        ci["roc_auc"] = [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
-    return ci
+    intervals = percentile_bootstrap(
+        len(labels),
+        {
+            "accuracy": lambda s: float((predictions[s] == labels[s]).mean()),
+            "roc_auc": lambda s: roc_auc(probabilities[s], labels[s]),
+        },
+        rounds,
+        np.random.default_rng(seed),
+    )
+    return {name: interval for name, interval in intervals.items() if interval is not None}
 
 
 def slice_metrics(
@@ -179,14 +163,12 @@ def evaluate_head(
         slices=slice_metrics(test_rows, probabilities, labels, predictions, config.slices),
     )
     reports_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = reports_dir / "metrics.json"
+    metrics_path = reports_dir / METRICS.name
     atomic_write_text(metrics_path, json.dumps(result, indent=2))
     _write_predictions(
-        reports_dir / "predictions.csv", test_rows, probabilities, predictions, meta.classes
+        reports_dir / PREDICTIONS.name, test_rows, probabilities, predictions, meta.classes
     )
-    from headswap.plots import write_plots
-
-    write_plots(reports_dir / "plots", probabilities, labels, predictions, meta.classes)
+    write_plots(reports_dir / PLOTS_DIR.name, probabilities, labels, predictions, meta.classes)
     return EvaluateResult(metrics_path, result)
 
 

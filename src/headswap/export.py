@@ -16,13 +16,17 @@ import onnx
 import torch
 from torch import nn
 
-from headswap.backbones import BackboneSpec, Body, fix_same_padding, load_body
+from headswap.backbones.body import Body, fix_same_padding
+from headswap.backbones.loader import load_body
+from headswap.backbones.spec import BackboneSpec
 from headswap.config import BackboneConfig, ExportConfig, FeaturesConfig
+from headswap.engine import torch_to_onnx
 from headswap.errors import ParityError
-from headswap.features import onnx_export_warnings_silenced, view_transforms
 from headswap.heads import Head, HeadMeta
 from headswap.imaging import load_model_input
 from headswap.io import atomic_path, atomic_write_text, read_csv
+from headswap.onnx_session import open_session
+from headswap.views import apply_view, view_transforms
 
 PARITY_BATCH_SIZES = (1, 3)
 
@@ -32,12 +36,6 @@ class ExportResult:
     model_path: Path
     parity_path: Path
     max_abs_diff: float
-
-
-def apply_view(pixels: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
-    """Torch twin of ``headswap.features.apply_view_np``: optional h-flip, then quarter turns."""
-    out = torch.flip(pixels, dims=[3]) if flip else pixels
-    return torch.rot90(out, k=turns, dims=(2, 3)) if turns else out
 
 
 class DeployableModel(nn.Module):
@@ -78,23 +76,10 @@ def model_metadata(spec: BackboneSpec, meta: HeadMeta, features: FeaturesConfig)
 
 
 def _export(model: DeployableModel, size: int, opset: int, target: Path, metadata: dict) -> None:
-    fix_same_padding(model.body, size)  # the graph the features stage ran (features.export_body)
+    fix_same_padding(model.body, size)  # the graph the features stage ran (engine.export_body)
     example = torch.zeros(2, 3, size, size)
-    with atomic_path(target) as tmp, onnx_export_warnings_silenced():
-        torch.onnx.export(
-            model,
-            (example,),
-            str(tmp),
-            input_names=["pixels"],
-            output_names=["probabilities", "label"],
-            dynamic_axes={
-                "pixels": {0: "batch"},
-                "probabilities": {0: "batch"},
-                "label": {0: "batch"},
-            },
-            opset_version=opset,
-            dynamo=False,
-        )
+    with atomic_path(target) as tmp:
+        torch_to_onnx(model, example, tmp, ["probabilities", "label"], opset)
         proto = onnx.load(str(tmp))
         for key, value in metadata.items():
             proto.metadata_props.add(key=key, value=value)
@@ -115,9 +100,7 @@ def _parity_inputs(
 
 def check_parity(model: DeployableModel, onnx_path: Path, pixels: np.ndarray) -> dict:
     """Max |torch - onnxruntime| over the probabilities at each parity batch size."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = open_session(onnx_path)
     report = {}
     for size in PARITY_BATCH_SIZES:
         batch = pixels[:size]

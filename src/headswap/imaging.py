@@ -1,12 +1,12 @@
-"""Decoding and resizing, shared by prepare, features, export and predict.
+"""The one image decoder, shared by prepare, features, export and predict.
 
-One function turns a file into the model's input so that the evaluate stage, the exported ONNX
-model and batch prediction can never disagree about preprocessing.
+``open_rgb`` turns a file into an RGB image and ``load_pixels`` resizes it into the model's
+input, so that the features stage, the exported ONNX model and batch prediction can never
+disagree about preprocessing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -27,19 +27,11 @@ _RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
 }
+_EXIF_ORIENTATION = 0x0112
 
 
 class UnreadableImageError(ValueError):
     """The file cannot be decoded as an image; the message says why, for the validation report."""
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Content hash used for the manifest, the feature cache key and the split fingerprint."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -102,16 +94,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_model_input(image: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """Resize to ``size`` x ``size`` and return float32 CHW pixel values in 0..255.
+def load_pixels(path: Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Decode and resize one file to uint8 CHW pixels: the model's input, 0..255.
 
-    Normalisation is *not* applied here: it lives inside the exported model, so that every
-    consumer feeds raw pixels.
+    Normalisation is *not* applied here: it lives inside the model (and the exported ONNX
+    graph), so that every consumer feeds raw pixels. Greyscale files without an EXIF rotation
+    (ELPV's) are resized in one channel and then repeated, which gives identical pixels to
+    resizing the RGB conversion for a third of the work.
     """
-    resized = image.resize((size, size), _RESAMPLING[interpolation])
-    return np.asarray(resized, dtype=np.float32).transpose(2, 0, 1).copy()
+    resample = _RESAMPLING[interpolation]
+    try:
+        with Image.open(path) as image:
+            if image.mode == "L" and not image.getexif().get(_EXIF_ORIENTATION):
+                plane = np.asarray(image.resize((size, size), resample))
+                return np.repeat(plane[None], 3, axis=0)
+    except (OSError, ValueError, SyntaxError):
+        pass  # let open_rgb raise its readable error
+    resized = open_rgb(path).resize((size, size), resample)
+    return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def load_model_input(path: Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """Decode and resize one file into the model's input layout."""
-    return to_model_input(open_rgb(path), size, interpolation)
+    """``load_pixels`` as float32: the input layout of the exported ONNX model."""
+    return load_pixels(path, size, interpolation).astype(np.float32)

@@ -1,4 +1,5 @@
-"""Atomic file output, CSV cells a spreadsheet cannot run, and progress display.
+"""Atomic file output, CSV cells a spreadsheet cannot run, file hashes, markdown tables,
+flattened mappings, and progress display.
 
 Every artifact is written to a temporary file in the same folder and renamed into place, so an
 interrupted run leaves either the old file or the new one, never half of one. Temp files are
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import TypeVar
 
@@ -157,8 +159,49 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return parse_csv(handle.read())
 
 
-def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a rich progress bar (rate and ETA) on stderr; silent when not a terminal."""
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (the one file hash in headswap)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table; ``|`` and newlines inside cells are escaped."""
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(cell(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def flatten(mapping: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested mappings as one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, object] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def progress(
+    items: Iterable[T],
+    description: str,
+    total: int | None = None,
+    size: Callable[[T], int] | None = None,
+) -> Iterator[T]:
+    """Iterate with a rich progress bar (rate and ETA) on stderr; silent when not a terminal.
+
+    With ``size``, each item counts as that many units (a batch as its images), so ``total``
+    and the rate are in those units rather than in items.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -182,7 +225,7 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
         task = bar.add_task(description, total=total, rate="")
         for item in items:
             yield item
-            bar.advance(task)
+            bar.advance(task, size(item) if size else 1)
             speed = bar.tasks[0].speed
             if speed:
                 bar.update(task, rate=f"{speed:.1f}/s")

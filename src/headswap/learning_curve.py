@@ -17,9 +17,10 @@ import numpy as np
 from headswap.config import HeadConfig, Params
 from headswap.errors import ConfigError
 from headswap.evaluate import decide, roc_auc
-from headswap.features import FeatureSet
-from headswap.heads import predict_proba, train_head
-from headswap.io import atomic_path, atomic_write_text, csv_text, progress
+from headswap.feature_set import FeatureSet
+from headswap.heads import predict_proba
+from headswap.io import atomic_path, atomic_write_text, csv_text, flatten, progress
+from headswap.train import train_head
 
 DEFAULT_SIZES: tuple[int | None, ...] = (10, 25, 50, 100, 200, None)  # None = all of train
 
@@ -242,9 +243,8 @@ def log_to_mlflow(
     import mlflow
     from mlflow import MlflowClient
 
-    from headswap.config import flatten_params
-    from headswap.registry import (
-        _ensure_experiment,
+    from headswap.tracking import (
+        ensure_experiment,
         fluent_tracking_uri,
         tracking_call,
         tracking_uri,
@@ -253,7 +253,7 @@ def log_to_mlflow(
     uri = tracking_uri()
     client = MlflowClient(uri)
     experiment_id = tracking_call(
-        lambda: _ensure_experiment(client, params.registry.experiment, Path(".")),
+        lambda: ensure_experiment(client, params.registry.experiment, Path(".")),
         "create experiment",
     )
 
@@ -263,7 +263,8 @@ def log_to_mlflow(
             mlflow.start_run(experiment_id=experiment_id, run_name="learning-curve") as run,
         ):
             mlflow.set_tag("headswap.kind", "learning-curve")
-            mlflow.log_params({**flatten_params(params), "learning_curve.seeds": seeds})
+            flat = flatten(params.model_dump(mode="json"))
+            mlflow.log_params({**flat, "learning_curve.seeds": seeds})
             for p in points:
                 values = {"lc_accuracy_mean": p.accuracy_mean, "lc_accuracy_std": p.accuracy_std}
                 if p.roc_auc_mean is not None:

@@ -3,8 +3,8 @@
 The card is plain markdown: it is logged beside the run's other artifacts and set as the model
 version's description, so the MLflow UI shows it on the version's page. Names that come from
 data or from people (class names, slice values, the model name, lineage values) are escaped
-(``md_text``, ``md_code``): a class called ``a|b`` or ``<script>`` cannot break a table or put
-HTML on that page.
+(``md_text``, ``md_cell``, ``md_code``): a class called ``a|b`` or ``<script>`` cannot break a
+table or put HTML on that page.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import html
 import re
 
-from headswap.backbones import BUNDLED_BODIES, BUNDLED_LICENSE
+from headswap.backbones.registry import family_of
+from headswap.io import markdown_table
+from headswap.lineage import SPLIT_TAGS
 
 # The model registry stores a version description in a 5000-character column.
 DESCRIPTION_LIMIT = 5000
@@ -35,11 +37,16 @@ LIMITATIONS = [
 # Markdown that would change how the text around it renders: escapes, code, emphasis, links and
 # images, table cells, strikethrough; and an underscore not between two letters or digits
 # (emphasis). One inside a word (cell_type) never starts emphasis, and names are full of them.
-_MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]|~]|(?<![^\W_])_|_(?![^\W_])")
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]~]|(?<![^\W_])_|_(?![^\W_])")
 
 
 def md_text(value: object) -> str:
     """``value`` as markdown text that renders as itself: one line, no HTML, no markup."""
+    return md_cell(value).replace("|", "\\|")
+
+
+def md_cell(value: object) -> str:
+    """``md_text`` but for ``|``: for a table cell, whose pipes ``io.markdown_table`` escapes."""
     flat = " ".join(str(value).split())  # a newline would end a table row or a list item
     return _MARKDOWN_SPECIAL.sub(lambda match: "\\" + match[0], html.escape(flat, quote=False))
 
@@ -56,8 +63,9 @@ def md_code(value: object) -> str:
 
 def backbone_license(backbone: str) -> str:
     """The licence of the backbone's weights, as far as headswap knows it."""
-    if backbone in BUNDLED_BODIES:
-        return BUNDLED_LICENSE
+    family = family_of(backbone)
+    if family and family.license:
+        return family.license
     return "as published with the weights (torchvision / timm model docs): check before use"
 
 
@@ -70,20 +78,12 @@ def _ci(metrics: dict, name: str) -> str:
     return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "-"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *["| " + " | ".join(row) + " |" for row in rows],
-    ]
-
-
 def _data_section(lineage: dict, validation: dict) -> list[str]:
     classes, counts = validation["classes"], validation["counts"]
-    rows = [[md_text(split), *[str(counts[split].get(c, 0)) for c in classes]] for split in counts]
+    rows = [[md_cell(split), *[str(counts[split].get(c, 0)) for c in classes]] for split in counts]
     split = ", ".join(
         f"{key.removeprefix('split_')} {md_code(lineage[key])}"
-        for key in ("split_rule", "split_seed", "split_test_size", "split_val_size")
+        for key in SPLIT_TAGS
         if key in lineage
     )
     return [
@@ -94,12 +94,12 @@ def _data_section(lineage: dict, validation: dict) -> list[str]:
         f"- images: {validation.get('images')}, skipped as unreadable: "
         f"{len(validation.get('skipped', []))}",
         "",
-        *_table(["split", *map(md_text, classes)], rows),
+        markdown_table(["split", *map(md_cell, classes)], rows),
     ]
 
 
 def _changes_section(changes: dict | None) -> list[str]:
-    """What changed in the data since the champion's (``registry.changes_since_champion``),
+    """What changed in the data since the champion's (``register.changes_since_champion``),
     followed by a blank line; nothing when the card is rendered without it."""
     if not changes:
         return []
@@ -107,7 +107,7 @@ def _changes_section(changes: dict | None) -> list[str]:
         return ["## Data changes since the champion", changes.get("note") or "Not compared.", ""]
     kinds = ("added", "removed", "changed")
     rows = [
-        [md_text(name), *[str(c[k]) for k in kinds]] for name, c in changes["per_class"].items()
+        [md_cell(name), *[str(c[k]) for k in kinds]] for name, c in changes["per_class"].items()
     ]
     rows.append(["total", *[str(changes["total"][k]) for k in kinds]])
     return [
@@ -115,7 +115,7 @@ def _changes_section(changes: dict | None) -> list[str]:
         f"Compared with the champion's data (DVC md5 {md_code(changes.get('since_data_md5'))}); "
         "changed = same path with other content, or an image moved to another class.",
         "",
-        *_table(["class", *kinds], rows),
+        markdown_table(["class", *kinds], rows),
         "",
     ]
 
@@ -126,23 +126,23 @@ def _metrics_section(metrics: dict) -> list[str]:
         for name in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "pr_auc")
     ]
     per_class = [
-        [md_text(name), _num(v["precision"]), _num(v["recall"]), _num(v["f1"]), str(v["support"])]
+        [md_cell(name), _num(v["precision"]), _num(v["recall"]), _num(v["f1"]), str(v["support"])]
         for name, v in metrics["per_class"].items()
     ]
     return [
         "## Test metrics",
         f"On {metrics['n']} held-out test images (95% bootstrap intervals).",
         "",
-        *_table(["metric", "value", "95% CI"], rows),
+        markdown_table(["metric", "value", "95% CI"], rows),
         "",
-        *_table(["class", "precision", "recall", "f1", "support"], per_class),
+        markdown_table(["class", "precision", "recall", "f1", "support"], per_class),
     ]
 
 
 def _slices_section(metrics: dict) -> list[str]:
     rows = [
         [
-            md_text(f"{column}={value}"),
+            md_cell(f"{column}={value}"),
             str(v["n"]),
             _num(v["accuracy"]),
             _num(v["balanced_accuracy"]),
@@ -155,18 +155,18 @@ def _slices_section(metrics: dict) -> list[str]:
         return ["## Per-slice metrics", "No slice columns were evaluated."]
     return [
         "## Per-slice metrics",
-        *_table(["slice", "n", "accuracy", "balanced acc.", "ROC-AUC"], rows),
+        markdown_table(["slice", "n", "accuracy", "balanced acc.", "ROC-AUC"], rows),
     ]
 
 
 def _confusion_section(metrics: dict) -> list[str]:
     classes = metrics["classes"]
     rows = [
-        [md_text(f"true {name}"), *map(str, counts)]
+        [md_cell(f"true {name}"), *map(str, counts)]
         for name, counts in zip(classes, metrics["confusion_matrix"], strict=True)
     ]
-    header = ["", *[md_text(f"pred {name}") for name in classes]]
-    return ["## Confusion matrix", *_table(header, rows)]
+    header = ["", *[md_cell(f"pred {name}") for name in classes]]
+    return ["## Confusion matrix", markdown_table(header, rows)]
 
 
 def _calibration_section(metrics: dict) -> list[str]:

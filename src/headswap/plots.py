@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from headswap.io import atomic_path
+from headswap.metrics import calibration_bins
 
 
 def _figure():
@@ -89,16 +90,10 @@ def plot_reliability(
     probabilities: np.ndarray, labels: np.ndarray, path: Path, bins: int = 10
 ) -> None:
     plt, fig, ax = _figure()
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    centres, accuracy, counts = [], [], []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            centres.append(confidence[in_bin].mean())
-            accuracy.append(correct[in_bin].mean())
-            counts.append(int(in_bin.sum()))
+    found = calibration_bins(probabilities, labels, bins)
+    centres = [b.confidence for b in found]
+    accuracy = [b.accuracy for b in found]
+    counts = [b.count for b in found]
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8, label="perfect calibration")
     ax.plot(centres, accuracy, "o-", label="model")
     for x, y, n in zip(centres, accuracy, counts, strict=True):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import stat
 import sys
@@ -38,9 +39,11 @@ import numpy as np
 from headswap.config import PredictConfig
 from headswap.errors import HeadswapError, RegistryError
 from headswap.imaging import IMAGE_SUFFIXES, UnreadableImageError, load_model_input
-from headswap.io import progress
+from headswap.io import FORMULA_PREFIXES, file_sha256, progress
+from headswap.onnx_session import open_session
+from headswap.promotion.audit import champion_provenance
+from headswap.tracking import CHAMPION, alias_version, client, tracking_call, tracking_uri
 
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 # What a headswap model's input side may be; a file claiming more would make every batch
 # allocate gigabytes before a single image is scored.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
@@ -74,11 +77,7 @@ class OnnxClassifier:
     @classmethod
     def load(cls, path: Path) -> OnnxClassifier:
         """Open ``path`` with the CPU provider and read classes, size and interpolation."""
-        import json
-
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = open_session(path)
         meta = session.get_modelmeta().custom_metadata_map
         missing = {"headswap.classes", "headswap.image_size"} - set(meta)
         if missing:
@@ -119,72 +118,9 @@ def model_image_size(value: str, path: Path) -> int:
     return size
 
 
-# --- was the champion gated? ---------------------------------------------------------------
-# ``@champion`` moves only through the promotion gate, and every such move (a promotion, a
-# rollback, a model's first version) is appended to the audit history. A person can still move
-# the alias with the pencil in the MLflow UI, bypassing both: that shows as a champion other than
-# the one the last audited move set, or as a champion with no audited move at all.
-
-
-@dataclass(frozen=True)
-class OutOfBandChampion:
-    """A champion no audited move explains.
-
-    Attributes:
-        current: the version ``@champion`` names now.
-        audited: the version the last audited move set, or None when no move was ever audited.
-        audited_at: when that move happened (ISO 8601, UTC): the hand-made move came after it.
-    """
-
-    current: str
-    audited: str | None
-    audited_at: str | None
-
-    def message(self, name: str) -> str:
-        """One line for a person: which version, since when as far as can be told, what to do."""
-        if self.audited is None:
-            since = "no promotion, rollback or first registration in its audit history set it"
-        else:
-            since = (
-                f"the last audited move set v{self.audited} at {self.audited_at}, so it was "
-                "moved by hand (e.g. in the MLflow UI) after that"
-            )
-        return (
-            f"{name}@champion is v{self.current}, which was never gated: {since}. "
-            f"`headswap promote --version {self.current}` gates it, or `headswap history` "
-            "shows the audited moves"
-        )
-
-
-def out_of_band_champion(client, name: str) -> OutOfBandChampion | None:
-    """The champion of model ``name`` if no audited move explains it, else None.
-
-    Returns None too when the model has no champion. Reads the alias and the audit history
-    (``promotion.read_history``); a move is an entry whose outcome is in ``promotion.MOVES``.
-    """
-    from headswap.promotion import MOVES, read_history
-    from headswap.registry import CHAMPION, alias_version
-
-    current = alias_version(client, name, CHAMPION)
-    if current is None:
-        return None
-    moves = [entry for entry in read_history(client, name) if entry.get("outcome") in MOVES]
-    last = moves[-1] if moves else {}
-    audited = last.get("new_version")
-    if audited is not None and str(audited) == current:
-        return None
-    return OutOfBandChampion(current, None if audited is None else str(audited), last.get("time"))
-
-
-def champion_provenance(client, name: str) -> str | None:
-    """A one-line warning when ``name``'s champion was moved outside the gate, else None."""
-    found = out_of_band_champion(client, name)
-    return None if found is None else found.message(name)
-
-
 def champion_uri(registry) -> str:
     """``models:/<registry.model_name>@champion``."""
-    return f"models:/{registry.model_name}@champion"
+    return f"models:/{registry.model_name}@{CHAMPION}"
 
 
 def pin_alias(model: str) -> tuple[str, str]:
@@ -192,17 +128,13 @@ def pin_alias(model: str) -> tuple[str, str]:
     names now, so the model scored is the one reported even if the alias moves meanwhile."""
     if not model.startswith("models:/") or "@" not in model:
         return model, model
-    from mlflow import MlflowClient
-
-    from headswap.registry import alias_version, tracking_uri
-
     name, alias = model.removeprefix("models:/").rsplit("@", 1)
-    client = MlflowClient(tracking_uri())
-    version = alias_version(client, name, alias)
+    mlflow_client = client()
+    version = alias_version(mlflow_client, name, alias)
     if version is None:
         return model, model  # download_model then says the alias is not set
-    if alias == "champion":
-        ungated = champion_provenance(client, name)
+    if alias == CHAMPION:
+        ungated = champion_provenance(mlflow_client, name)
         if ungated:
             warn(ungated)
     return f"models:/{name}/{version}", f"{model} (version {version})"
@@ -218,8 +150,6 @@ def download_model(model: str, dst: Path) -> Path:
             f"model {model!r}: no such file, and not an MLflow URI like models:/<name>@champion"
         )
     import mlflow
-
-    from headswap.registry import tracking_uri
 
     # MLflow draws a tqdm bar per download; ours is the only progress a person needs to see.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -245,14 +175,10 @@ def registered_version(model: str) -> tuple[str, str] | None:
     """(name, version) for ``models:/<name>/<n>`` or ``models:/<name>@<alias>``, else None."""
     if not model.startswith("models:/"):
         return None
-    from mlflow import MlflowClient
-
-    from headswap.registry import alias_version, tracking_uri
-
     rest = model.removeprefix("models:/")
     if "@" in rest:
         name, alias = rest.rsplit("@", 1)
-        version = alias_version(MlflowClient(tracking_uri()), name, alias)
+        version = alias_version(client(), name, alias)
         return None if version is None else (name, version)
     name, _, version = rest.rpartition("/")
     return (name, version) if name and version.isdigit() else None
@@ -267,17 +193,15 @@ def verify_model_file(model: str, path: Path) -> None:
     Raises:
         ModelIntegrityError: the file is not the one that was registered (and gated).
     """
-    from mlflow import MlflowClient
-
-    from headswap.registry import file_sha256, tracking_call, tracking_uri
-
     found = registered_version(model)
     if found is None:
         warn(f"{model} is not a registered model version: its file cannot be verified")
         return
     name, version = found
-    client = MlflowClient(tracking_uri())
-    tags = tracking_call(lambda: client.get_model_version(name, version).tags, "reading its tags")
+    mlflow_client = client()
+    tags = tracking_call(
+        lambda: mlflow_client.get_model_version(name, version).tags, "reading its tags"
+    )
     expected = tags.get("onnx_sha256")
     if not expected:
         warn(
@@ -527,7 +451,10 @@ def _write_rows(
     with _row_file(out) as (writer, handle):
         header = ["path", "predicted", *[f"p_{name}" for name in model.classes], "error"]
         writer.writerow([_safe_cell(cell) for cell in header])
-        for start in progress(starts, f"predict {len(images)} images", total=len(starts)):
+        counted = progress(
+            starts, "predict images", len(images), lambda at: min(step, len(images) - at)
+        )
+        for start in counted:
             for row in _score_batch(model, images[start : start + step], roots):
                 writer.writerow([_safe_cell(cell) for cell in row])
                 counts.update([row[1] if not row[-1] else None])

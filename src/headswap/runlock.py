@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from headswap.errors import HeadswapError
+from headswap.paths import RUN_LOCK
 
-LOCK_PATH = Path(".headswap/run.lock")
 # The holder hands its token to the stage commands it starts, so they know the lock is theirs.
 TOKEN_ENV = "HEADSWAP_RUN_LOCK_TOKEN"
 WAIT_ENV = "HEADSWAP_LOCK_WAIT_S"  # how long a second driver waits (default one hour)
@@ -47,7 +47,7 @@ def _describe(holder: dict) -> str:
     )
 
 
-def read_holder(path: Path = LOCK_PATH) -> dict:
+def read_holder(path: Path = RUN_LOCK) -> dict:
     """What the current holder wrote about itself ({} when free or unreadable)."""
     try:
         return json.loads(path.read_text() or "{}")
@@ -64,7 +64,7 @@ def _try_lock(fd: int) -> bool:
 
 
 @contextlib.contextmanager
-def workspace_lock(driver: str, path: Path = LOCK_PATH) -> Iterator[str]:
+def workspace_lock(driver: str, path: Path = RUN_LOCK) -> Iterator[str]:
     """Hold the workspace for the block; yields the token to pass to stage commands.
 
     Args:
@@ -115,7 +115,7 @@ def _wait_for(fd: int, path: Path, wait_s: float) -> None:
         time.sleep(POLL_S)
 
 
-def refuse_if_held(path: Path = LOCK_PATH) -> None:
+def refuse_if_held(path: Path = RUN_LOCK) -> None:
     """Stop a stage command that another driver's run did not start.
 
     Raises:

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from headswap import paths
+
 MLFLOW_UI = "http://127.0.0.1:5000"
 
 
@@ -14,11 +16,7 @@ def mlflow_ui() -> str:
     return os.environ.get("HEADSWAP_MLFLOW_UI_URL", MLFLOW_UI).rstrip("/")
 
 
-REGISTRY_FILE = Path("models/registry.json")
-FEATURES_INFO = Path("data/features/features_info.json")
-
-
-def registered_run_id(registry_path: Path = REGISTRY_FILE) -> str:
+def registered_run_id(registry_path: Path = paths.REGISTRATION) -> str:
     """The MLflow run that models/registry.json names ('' before the first registration)."""
     try:
         return str(json.loads(registry_path.read_text())["run_id"])
@@ -27,9 +25,9 @@ def registered_run_id(registry_path: Path = REGISTRY_FILE) -> str:
 
 
 def run_summary(
-    metrics_path: Path = Path("reports/metrics.json"),
-    registry_path: Path = REGISTRY_FILE,
-    features_info_path: Path = FEATURES_INFO,
+    metrics_path: Path = paths.METRICS,
+    registry_path: Path = paths.REGISTRATION,
+    features_info_path: Path = paths.FEATURES_INFO,
 ) -> dict:
     """Headline numbers and registry facts of the workspace's latest pipeline run."""
     metrics = json.loads(metrics_path.read_text())
@@ -156,7 +154,7 @@ def live_aliases(summary: dict) -> list[str]:
     (registry.json records them at register time; a promotion since may have moved them)."""
     from mlflow import MlflowClient
 
-    from headswap.registry import tracking_uri
+    from headswap.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
     return sorted(client.get_model_version(summary["model_name"], summary["version"]).aliases)

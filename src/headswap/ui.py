@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from headswap.errors import HeadswapError
+from headswap.paths import UI_AUTH_DIR, UI_LOG_DIR
+from headswap.workspace import executable
 
-LOG_DIR = Path(".headswap/ui")
-AUTH_DIR = Path(".headswap/auth")
-CREDENTIALS_FILE = AUTH_DIR / "credentials.json"
+CREDENTIALS_FILE = UI_AUTH_DIR / "credentials.json"
 MLFLOW_AUTH_DB = "mlflow-auth.db"
 AUTH_USERNAME = "headswap"
 # Set in the environment of each server this command starts; see started_here().
@@ -63,7 +63,7 @@ class Service:
 
     @property
     def log_path(self) -> Path:
-        return LOG_DIR / f"{self.name}.log"
+        return UI_LOG_DIR / f"{self.name}.log"
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -94,7 +94,7 @@ def healthy(url: str, authorization: str | None = None) -> bool:
 
 def start(service: Service, cwd: Path = Path(".")) -> subprocess.Popen:
     """Start ``service`` in its own process group (so Ctrl-C reaches only this supervisor)."""
-    (cwd / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    (cwd / UI_LOG_DIR).mkdir(parents=True, exist_ok=True)
     log = (cwd / service.log_path).open("ab")
     service.process = subprocess.Popen(
         service.command,
@@ -275,7 +275,7 @@ def load_credentials(root: Path) -> tuple[Credentials, bool]:
 
 def _create_credentials(root: Path) -> Credentials:
     credentials = Credentials(AUTH_USERNAME, secrets.token_urlsafe(24), secrets.token_urlsafe(32))
-    auth_dir = root / AUTH_DIR
+    auth_dir = root / UI_AUTH_DIR
     auth_dir.mkdir(parents=True, exist_ok=True)
     auth_dir.chmod(0o700)  # MLflow's user store (password hashes) lives here too
     # MLflow ignores a configured admin password once its admin exists: new credentials need a
@@ -311,7 +311,7 @@ def ensure_credentials(root: Path) -> Credentials:
 
 def mlflow_auth_config(root: Path, credentials: Credentials) -> Path:
     """Write MLflow's basic-auth config (its user store beside it); return the file's path."""
-    auth_dir = (root / AUTH_DIR).resolve()
+    auth_dir = (root / UI_AUTH_DIR).resolve()
     path = auth_dir / "mlflow-auth.ini"
     lines = [
         "[mlflow]",
@@ -332,7 +332,7 @@ def prefect_server(config: UiConfig, credentials: Credentials | None = None) -> 
     return Service(
         "prefect-server",
         [
-            _tool("prefect"),
+            executable("prefect"),
             "server",
             "start",
             "--host",
@@ -352,11 +352,11 @@ def prefect_server(config: UiConfig, credentials: Credentials | None = None) -> 
 
 
 def mlflow_server(config: UiConfig, credentials: Credentials | None = None) -> Service:
-    """The MLflow UI over the same embedded store as ``make run`` (registry.tracking_uri).
+    """The MLflow UI over the same embedded store as ``make run`` (tracking.tracking_uri).
 
     With ``credentials``, MLflow's basic-auth app guards every page and API but ``/health``.
     """
-    from headswap.registry import tracking_uri
+    from headswap.tracking import tracking_uri
 
     artifacts = (config.root.resolve() / "mlartifacts").as_uri()
     auth_args, auth_env = [], {}
@@ -371,7 +371,7 @@ def mlflow_server(config: UiConfig, credentials: Credentials | None = None) -> S
     return Service(
         "mlflow-server",
         [
-            _tool("mlflow"),
+            executable("mlflow"),
             "server",
             "--backend-store-uri",
             tracking_uri(config.root),
@@ -405,14 +405,8 @@ def deployments(config: UiConfig, credentials: Credentials | None = None) -> Ser
     )
 
 
-def _tool(name: str) -> str:
-    """The console script installed beside this interpreter (the project's .venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def _record_path(service: Service, root: Path) -> Path:
-    return root / LOG_DIR / f"{service.name}.json"
+    return root / UI_LOG_DIR / f"{service.name}.json"
 
 
 def _remember(service: Service, port: int, config: UiConfig, token: str, auth: str | None) -> None:

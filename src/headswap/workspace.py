@@ -19,6 +19,7 @@ from typing import Any
 
 from headswap.config import Params, parse_params
 from headswap.errors import ERROR_PREFIX, HeadswapError
+from headswap.paths import DVC_YAML, PARAMS
 
 # DVC's locks are not a queue: a second `dvc repro` fails at once with one of these messages
 # (the repo lock, or the per-output rwlock when the first run is already inside a stage).
@@ -37,8 +38,8 @@ class CommandResult:
     output: str
 
 
-def _executable(name: str) -> str:
-    """Prefer the tool installed beside this interpreter (the project's .venv)."""
+def executable(name: str) -> str:
+    """The console script installed beside this interpreter (the project's .venv), else ``name``."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
 
@@ -73,7 +74,7 @@ def _execute(
     args: list[str], env: Mapping[str, str] | None, cwd: Path, echo: bool
 ) -> tuple[list[str], int, str]:
     """(resolved command, exit status, combined output); DVC commands wait for the lock."""
-    command = [_executable(args[0]), *args[1:]]
+    command = [executable(args[0]), *args[1:]]
     # dvc.yaml stages call `headswap`; make sure they find the one installed beside us.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     full_env = {**os.environ, "PATH": path, **(env or {})}
@@ -157,7 +158,7 @@ def _echo(line: str) -> str:
     return line
 
 
-def read_raw_params(path: Path = Path("params.yaml")) -> Any:
+def read_raw_params(path: Path = PARAMS) -> Any:
     """params.yaml as a comment-preserving mapping (ruamel round-trip)."""
     from ruamel.yaml import YAML
 
@@ -195,7 +196,7 @@ class ParamChange:
 
 
 def apply_overrides(
-    overrides: Mapping[str, Any], path: Path = Path("params.yaml")
+    overrides: Mapping[str, Any], path: Path = PARAMS
 ) -> tuple[Params, list[ParamChange]]:
     """Write dotted-key overrides into params.yaml (like ``dvc exp run -S``), validated first.
 
@@ -233,7 +234,7 @@ def push_data(env: Mapping[str, str] | None = None) -> None:
     run_command(["dvc", "push", "-q", "ingest"], env=env)
 
 
-def pipeline_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+def pipeline_stages(dvc_yaml: Path = DVC_YAML) -> list[str]:
     """Stage names in dvc.yaml order (which is also their dependency order)."""
     import yaml
 

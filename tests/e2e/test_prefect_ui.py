@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import prefect_stack as stack
-from tests.prefect_stack import api_client, mlflow_runs, wait_for_final_state
+from tests.helpers import prefect_stack as stack
+from tests.helpers.prefect_stack import api_client, mlflow_runs, wait_for_final_state
 
 pytestmark = pytest.mark.slow
 

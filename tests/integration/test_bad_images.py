@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 
 from headswap.cli import app
 from headswap.config import BackboneConfig, FeaturesConfig
-from headswap.data import read_manifest
-from headswap.features import extract_features, load_features
+from headswap.feature_set import load_features
+from headswap.features import extract_features
 from headswap.imaging import MAX_PIXELS, UnreadableImageError, open_rgb
+from headswap.manifest import read_manifest
 
 # case -> (file under the "cat" class, expected outcome, reason fragment for skipped files)
 SKIPPED = {
@@ -189,8 +190,12 @@ def skip_run(tmp_path_factory) -> dict:
         report = json.loads((work / "data/prepared/validation.json").read_text())
         manifest = read_manifest(work / "data/prepared/manifest.csv")
         features = extract_features(
-            BackboneConfig(image_size=64),
-            FeaturesConfig(engine="torch", workers=0, batch_size=8, cache_dir=str(work / "cache")),
+            BackboneConfig(
+                image_size=64, name="efficientnet_lite0", taps=["head"], pool="mean", ensemble=[]
+            ),
+            FeaturesConfig(
+                engine="torch", workers=0, batch_size=8, cache_dir=str(work / "cache"), views="none"
+            ),
             work / "data/prepared/manifest.csv",
             work / "data/raw",
             work / "features.npz",
@@ -331,16 +336,22 @@ def test_dataset_level_errors_stop_before_training(
     assert not (tmp_path / "data/prepared").exists()
 
 
-def test_same_image_under_two_labels_is_an_error_naming_both_files(tmp_path, monkeypatch):
+def _ingest_cats_and_dogs_with_a_copy_of_cat0(tmp_path, monkeypatch, copy: str) -> None:
+    """Four noise images per label plus ``copy`` (a path in the source) with cat0's pixels,
+    ingested into a workspace at ``tmp_path``, which becomes the working directory."""
     source = tmp_path / "source"
     for offset, label in enumerate(("cat", "dog")):
         (source / label).mkdir(parents=True)
         for index in range(4):
             _noise(offset * 10 + index).save(source / label / f"{label}{index}.png")
-    _noise(0).save(source / "dog" / "copy of cat0.png")
+    _noise(0).save(source / copy)
     write_params(tmp_path, source)
     monkeypatch.chdir(tmp_path)
     assert run_cli("ingest").exit_code == 0
+
+
+def test_same_image_under_two_labels_is_an_error_naming_both_files(tmp_path, monkeypatch):
+    _ingest_cats_and_dogs_with_a_copy_of_cat0(tmp_path, monkeypatch, "dog/copy of cat0.png")
     result = run_cli("prepare")
     assert result.exit_code == 1
     assert "same image (same decoded pixels) appears under different labels" in result.output
@@ -348,15 +359,7 @@ def test_same_image_under_two_labels_is_an_error_naming_both_files(tmp_path, mon
 
 
 def test_same_image_twice_under_one_label_is_deduplicated_and_reported(tmp_path, monkeypatch):
-    source = tmp_path / "source"
-    for offset, label in enumerate(("cat", "dog")):
-        (source / label).mkdir(parents=True)
-        for index in range(4):
-            _noise(offset * 10 + index).save(source / label / f"{label}{index}.png")
-    _noise(0).save(source / "cat" / "zz copy.png")
-    write_params(tmp_path, source)
-    monkeypatch.chdir(tmp_path)
-    assert run_cli("ingest").exit_code == 0
+    _ingest_cats_and_dogs_with_a_copy_of_cat0(tmp_path, monkeypatch, "cat/zz copy.png")
     assert run_cli("prepare").exit_code == 0
     report = json.loads((tmp_path / "data/prepared/validation.json").read_text())
     assert report["duplicates"] == [{"path": "cat/zz copy.png", "same_as": "cat/cat0.png"}]
@@ -397,7 +400,7 @@ class TestDecodedPixels:
         assert path.stat().st_size < 1_000_000
         child = (
             "import json, resource, sys\n"
-            "from headswap.data import pixels_sha256\n"
+            "from headswap.prepare import pixels_sha256\n"
             "from headswap.imaging import open_rgb\n"
             "image = open_rgb(sys.argv[1])\n"
             "pixels_sha256(image)\n"

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _workspaces import tool_env
 from typer.testing import CliRunner
 
 from headswap.cli import app
+from tests.helpers.workspace import REPO, tool_env
 
-ROOT = Path(__file__).resolve().parents[2]
 MISSING_SOURCE = "/nonexistent/headswap-images"
 
 # case -> (params.yaml edit as {dotted key: value}, fragments the one-line message must contain)
@@ -58,7 +57,7 @@ runner = CliRunner()
 
 
 def write_params(path: Path, edits: dict) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     for dotted, value in edits.items():
         *parents, leaf = dotted.split(".")
         node = params
@@ -95,7 +94,7 @@ def make_workspace(root: Path) -> Path:
     from PIL import Image
 
     for name in ("src", "dvc.yaml", "params.yaml"):
-        source = ROOT / name
+        source = REPO / name
         copy = shutil.copytree if source.is_dir() else shutil.copy
         copy(source, root / name)
     for offset, label in enumerate(("functional", "defective")):

@@ -12,10 +12,9 @@ import json
 
 import pytest
 
-from tests import prefect_stack as stack
-from tests.integration.test_growth import SMALL_BODY, add_images, features_info
-from tests.prefect_stack import api_client, serving, wait_for_final_state
-from tests.workspace import create_workspace, run, set_params
+from tests.helpers import prefect_stack as stack
+from tests.helpers.prefect_stack import api_client, serving, wait_for_final_state
+from tests.helpers.workspace import features_info, make_folder_workspace, make_image_folder, run
 
 pytestmark = pytest.mark.slow
 
@@ -46,18 +45,13 @@ def _test_paths(root) -> set[str]:
 def test_new_images_reach_the_champion_without_hands(prefect_server, tmp_path):
     from mlflow import MlflowClient
 
-    source, cache = tmp_path / "source", tmp_path / "cache"
-    add_images(source, 0, 12)
-    root = create_workspace(
-        tmp_path / "ws",
+    cache = tmp_path / "cache"
+    root, source = make_folder_workspace(
+        tmp_path,
         cache,
-        1000,
-        backbone=SMALL_BODY,
-        features={"views": "none"},
         registry={"auto_promote": True, "gate": LOOSE_GATE},
         schedule={"train_cron": "0 3 * * *"},
     )
-    set_params(root, data={"source": str(source), "positive_class": "defective"})
     run(["git", "commit", "-qam", "the loop's settings"], root)
 
     with serving(root, prefect_server, cache), api_client(prefect_server) as client:
@@ -67,7 +61,7 @@ def test_new_images_reach_the_champion_without_hands(prefect_server, tmp_path):
         first_test = _test_paths(root)
         assert features_info(root)["embedded"] == 24
 
-        added = add_images(source, 12, 6)
+        added = make_image_folder(source, 6, first=12, size=40)
         _scheduled_run(client, deployment)
 
     info = features_info(root)

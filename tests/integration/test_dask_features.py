@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from _workspaces import make_image_folder, run, tool_env
 
 from headswap.config import DataConfig
-from headswap.data import prepare
 from headswap.distributed import rank_slice, shard
-from headswap.features import load_features
+from headswap.feature_set import load_features
+from headswap.prepare import prepare
+from tests.helpers.workspace import make_image_folder, run, tool_env
 
 
 def test_shards_are_whole_batches_covering_every_image():

@@ -14,9 +14,14 @@ import pytest
 import yaml
 from prefect.exceptions import PrefectHTTPStatusError
 
-from tests import prefect_stack as stack
-from tests.prefect_stack import api_client, dvc_experiments, mlflow_runs, wait_for_final_state
-from tests.workspace import set_params
+from tests.helpers import prefect_stack as stack
+from tests.helpers.prefect_stack import (
+    api_client,
+    dvc_experiments,
+    mlflow_runs,
+    wait_for_final_state,
+)
+from tests.helpers.workspace import REPO, set_params
 
 # Module-scoped fixtures: this module gets its own server and workspace.
 prefect_server = stack.prefect_server
@@ -80,7 +85,7 @@ def test_invalid_values_are_refused_never_defaulted(served_workspace):
     assert run.state.is_failed()
     assert "invalid value for 'backbone' (backbone.name)" in run.state.message
     written = yaml.safe_load((served_workspace.root / "params.yaml").read_text())
-    committed = yaml.safe_load((stack.ROOT / "params.yaml").read_text())
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
     assert written["backbone"]["name"] == committed["backbone"]["name"]
 
 

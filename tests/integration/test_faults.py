@@ -15,15 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _workspaces import tool_env
 from PIL import Image
 
 from headswap.config import DataConfig
-from headswap.data import prepare
-from headswap.features import FeatureCache, load_features
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from headswap.feature_cache import FeatureCache
+from headswap.feature_set import load_features
+from headswap.prepare import prepare
+from tests.helpers.workspace import tool_env
 
 # ---------------------------------------------------------------- two `dvc repro` at once
 
@@ -59,15 +57,18 @@ def _start_first_run(project: Path) -> subprocess.Popen:
     return first
 
 
+def _run_beside_a_repro(project: Path, command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command`` in ``project`` while a first `dvc repro` holds the lock (which succeeds)."""
+    first = _start_first_run(project)
+    second = subprocess.run(command, cwd=project, env=tool_env(), capture_output=True, text=True)
+    assert first.wait() == 0
+    return second
+
+
 @pytest.mark.slow
 def test_plain_dvc_repro_does_not_queue(tmp_path):
     """Why the wrapper exists: DVC's own lock makes a concurrent `dvc repro` fail at once."""
-    project = _dvc_project(tmp_path / "plain")
-    first = _start_first_run(project)
-    second = subprocess.run(
-        ["dvc", "repro"], cwd=project, env=tool_env(), capture_output=True, text=True
-    )
-    assert first.wait() == 0
+    second = _run_beside_a_repro(_dvc_project(tmp_path / "plain"), ["dvc", "repro"])
     assert second.returncode != 0
     output = second.stdout + second.stderr
     assert "Unable to acquire lock" in output or "it is being blocked by" in output
@@ -76,11 +77,7 @@ def test_plain_dvc_repro_does_not_queue(tmp_path):
 def test_headswap_repro_waits_for_the_lock(tmp_path):
     """`headswap repro` (what `make repro` and the flow use) waits, then finds nothing to do."""
     project = _dvc_project(tmp_path / "wrapped")
-    first = _start_first_run(project)
-    second = subprocess.run(
-        ["headswap", "repro"], cwd=project, env=tool_env(), capture_output=True, text=True
-    )
-    assert first.wait() == 0
+    second = _run_beside_a_repro(project, ["headswap", "repro"])
     assert second.returncode == 0, second.stdout + second.stderr
     assert "waiting for it to finish" in second.stderr
     assert "Traceback" not in second.stdout + second.stderr

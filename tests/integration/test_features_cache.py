@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 from headswap.cli import app
 from headswap.config import BackboneConfig, FeaturesConfig
 from headswap.feature_cache import FeatureCache, prune_cache, summarize_cache
-from headswap.features import extract_features, load_features
-from headswap.imaging import sha256_file
+from headswap.feature_set import load_features
+from headswap.features import extract_features
+from headswap.io import file_sha256
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -56,7 +57,7 @@ def write_manifest(raw: Path, manifest: Path) -> list[dict]:
         rows.append(
             {
                 "path": str(path.relative_to(raw)),
-                "sha256": sha256_file(path),
+                "sha256": file_sha256(path),
                 "label": path.parent.name,
                 "split": split,
             }
@@ -79,6 +80,7 @@ def workspace(tmp_path, weights):
         taps=[3, "head"],
         pool="meanmax",
         image_size=64,
+        ensemble=[],
     )
     features = FeaturesConfig(
         engine="onnxruntime",
@@ -129,6 +131,7 @@ def test_a_new_code_version_misses_the_cache(workspace, monkeypatch):
     root, backbone, features = workspace
     first = run_stage(root, backbone, features)
     monkeypatch.setattr("headswap.features.code_version", lambda: "changed-code")
+    monkeypatch.setattr("headswap.engine.code_version", lambda: "changed-code")
     second = run_stage(root, backbone, features)
     assert (second.cache_hits, second.images) == (0, 10) and second.cache_key != first.cache_key
     summary = summarize_cache(root / "cache")

@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from tests.workspace import run
+from tests.helpers.workspace import run
 
 
 def test_flow_runs_pipeline_records_experiment_and_registers(make_workspace):

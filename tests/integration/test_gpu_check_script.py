@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from headswap.backbones import weights_location
-
-ROOT = Path(__file__).resolve().parents[2]
+from headswap.backbones.loader import weights_location
+from tests.helpers.workspace import REPO
 
 
 @pytest.mark.slow
@@ -27,7 +25,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     command = [
         sys.executable,
-        str(ROOT / "benchmarks" / "gpu_check.py"),
+        str(REPO / "benchmarks" / "gpu_check.py"),
         "--device",
         "cpu",
         "--images",

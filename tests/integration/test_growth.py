@@ -8,41 +8,21 @@ behaviour under test is the DAG's, not the body's.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from tests.workspace import create_workspace, run, set_params
-
-SMALL_BODY = {
-    "name": "efficientnet_lite0",
-    "image_size": 96,
-    "taps": ["head"],
-    "pool": "mean",
-    "ensemble": [],
-}
-CLASSES = ("functional", "defective")
-
-
-def add_images(source: Path, first: int, count: int) -> list[Path]:
-    """Separable noisy images ``<class>/<class>_<i>.png`` for i in first..first+count-1."""
-    made = []
-    for offset, label in enumerate(CLASSES):
-        (source / label).mkdir(parents=True, exist_ok=True)
-        for index in range(first, first + count):
-            rng = np.random.default_rng(offset * 100_000 + index)
-            base = 70 if label == "functional" else 170
-            pixels = rng.normal(base, 40, (40, 40, 3)).clip(0, 255).astype(np.uint8)
-            path = source / label / f"{label}_{index}.png"
-            Image.fromarray(pixels).save(path)
-            made.append(path)
-    return made
+from tests.helpers.workspace import (
+    CLASSES,
+    features_info,
+    make_folder_workspace,
+    make_image_folder,
+    run,
+    set_params,
+)
 
 
 def ran_stages(output: str) -> list[str]:
@@ -60,19 +40,10 @@ def data_md5(workspace: Path) -> str:
     return out["md5"]
 
 
-def features_info(workspace: Path) -> dict:
-    return json.loads((workspace / "data/features/features_info.json").read_text())
-
-
 @pytest.fixture
 def grown(tmp_path, feature_cache) -> tuple[Path, Path]:
     """A workspace on a 12-per-class folder source, after its first `headswap repro`."""
-    source = tmp_path / "source"
-    add_images(source, 0, 12)
-    workspace = create_workspace(
-        tmp_path / "ws", tmp_path / "cache", 1000, backbone=SMALL_BODY, features={"views": "none"}
-    )
-    set_params(workspace, data={"source": str(source), "positive_class": "defective"})
+    workspace, source = make_folder_workspace(tmp_path, tmp_path / "cache")
     first = run(["headswap", "repro"], workspace)
     assert ran_stages(first.stdout)[:2] == ["ingest", "prepare"]
     return workspace, source
@@ -87,7 +58,7 @@ def test_added_removed_and_replaced_images_reach_the_model(grown):
     assert ran_stages(unchanged.stdout) == ["ingest", "register"]
     assert data_md5(workspace) == md5_before, "an unchanged source made a new data version"
 
-    add_images(source, 12, 5)
+    make_image_folder(source, 5, first=12, size=40)
     (source / "functional" / "functional_0.png").unlink()
     shutil.copy(source / "defective" / "defective_1.png", source / "defective" / "defective_2.png")
     grew = run(["headswap", "repro"], workspace)
@@ -112,7 +83,7 @@ def test_dvc_repro_follows_a_new_data_source(grown, tmp_path):
     """`dvc repro` itself (not only the flow) trains on whatever data.source names now."""
     workspace, _ = grown
     other = tmp_path / "other-source"
-    add_images(other, 500, 8)
+    make_image_folder(other, 8, first=500, size=40)
     set_params(workspace, data={"source": str(other)})
     result = run(["dvc", "repro"], workspace)
     assert ran_stages(result.stdout)[:2] == ["ingest", "prepare"]
@@ -125,7 +96,7 @@ def test_other_drivers_wait_and_a_hand_run_dvc_repro_refuses(grown):
     from headswap.runlock import workspace_lock
 
     workspace, source = grown
-    add_images(source, 40, 1)
+    make_image_folder(source, 1, first=40, size=40)
     with workspace_lock("make run (test)", workspace / ".headswap/run.lock"):
         refused = run(["dvc", "repro"], workspace, check=False)
         wait_briefly = {"HEADSWAP_LOCK_WAIT_S": "1"}

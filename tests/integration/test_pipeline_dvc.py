@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.workspace import create_workspace, run, set_params
+from tests.helpers.workspace import create_workspace, run, set_params
 
 STAGES = ["ingest", "prepare", "features", "train", "evaluate", "export", "register"]
 ALWAYS_RUN = ["ingest", "register"]

@@ -18,14 +18,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from _workspaces import (
-    free_port,
-    make_pipeline_workspace,
-    start_mlflow,
-    stop,
-    tool_env,
-    wait_for_http,
-)
+
+from headswap.ui import free_port
+from tests.helpers.servers import start_mlflow, stop, wait_for_http
+from tests.helpers.workspace import make_pipeline_workspace, tool_env
 
 pytestmark = pytest.mark.slow
 DB_USER = "headswap"

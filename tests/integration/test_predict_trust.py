@@ -19,7 +19,9 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from registry_gate.conftest import REPO, TINY_CLASSES, tiny_model, write_images
+from registry_gate.conftest import TINY_CLASSES, tiny_model, write_images
+
+from tests.helpers.workspace import tool_env
 
 GOOD = (20.0, 0.51)
 OTHER = (-20.0, 0.51)
@@ -56,20 +58,15 @@ def register(root: Path, name: str, slope_cut=GOOD, hashed: bool = True) -> str:
     import mlflow
 
     from headswap.config import RegistryConfig
-    from headswap.promotion import client
-    from headswap.registry import (
-        _ensure_experiment,
-        file_sha256,
-        finish_registration,
-        log_onnx_model,
-        tracking_uri,
-    )
+    from headswap.io import file_sha256
+    from headswap.register import finish_registration, log_onnx_model
+    from headswap.tracking import client, ensure_experiment, tracking_uri
 
     path = tiny_model(root / f"model-{uuid.uuid4().hex[:8]}.onnx", *slope_cut)
     tags = {"classes": json.dumps(TINY_CLASSES), "backbone": "tiny-brightness"}
     if hashed:
         tags["onnx_sha256"] = file_sha256(path)
-    experiment = _ensure_experiment(client(), "headswap-tests", root)
+    experiment = ensure_experiment(client(), "headswap-tests", root)
     mlflow.set_tracking_uri(tracking_uri())
     _, version = log_onnx_model(experiment, name, path, tags)
     finish_registration(client(), RegistryConfig(model_name=name, lock_wait_s=60), version)
@@ -148,13 +145,7 @@ def test_the_real_flow_writes_under_out_dir_and_fails_a_run_that_leads_out(store
         "state = predict('data/raw', '../escaped.csv', return_state=True)\n"
         "print('STATE', state.type.value, state.message)\n"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
-        "PREFECT_HOME": str(store.parent / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    }
+    env = tool_env(PREFECT_HOME=str(store.parent / "prefect"))
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
@@ -172,9 +163,9 @@ def test_a_stored_model_file_that_differs_from_its_sha256_tag_is_refused(
     store, model_name, tmp_path
 ):
     from headswap.config import RegistryConfig
+    from headswap.io import file_sha256
     from headswap.predict import ModelIntegrityError, champion_uri, partial_path, predict_images
-    from headswap.promotion import client
-    from headswap.registry import file_sha256, find_version
+    from headswap.tracking import client, find_version
 
     version = register(store, model_name)
     found = find_version(client(), model_name, version)
@@ -208,8 +199,10 @@ def test_a_version_without_the_tag_is_used_with_one_warning(store, model_name, t
 
 def test_a_champion_moved_by_hand_is_warned_about_until_an_audited_move(store, model_name, capfd):
     from headswap.config import RegistryConfig
-    from headswap.predict import champion_provenance, champion_uri, out_of_band_champion, pin_alias
-    from headswap.promotion import client, rollback
+    from headswap.predict import champion_uri, pin_alias
+    from headswap.promotion.audit import champion_provenance, out_of_band_champion
+    from headswap.promotion.promote import rollback
+    from headswap.tracking import client
 
     first = register(store, model_name)
     second = register(store, model_name, OTHER)
@@ -234,12 +227,12 @@ def test_a_champion_moved_by_hand_is_warned_about_until_an_audited_move(store, m
 def test_a_champion_with_no_audited_move_at_all_is_warned_about(store, model_name):
     import mlflow
 
-    from headswap.predict import champion_provenance
-    from headswap.promotion import client
-    from headswap.registry import _ensure_experiment, log_onnx_model, tracking_uri
+    from headswap.promotion.audit import champion_provenance
+    from headswap.register import log_onnx_model
+    from headswap.tracking import client, ensure_experiment, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
-    experiment = _ensure_experiment(client(), "headswap-tests", store)
+    experiment = ensure_experiment(client(), "headswap-tests", store)
     path = tiny_model(store / f"model-{uuid.uuid4().hex[:8]}.onnx", *GOOD)
     _, version = log_onnx_model(experiment, model_name, path, {})
     assert champion_provenance(client(), model_name) is None  # no champion: nothing to say

@@ -16,15 +16,19 @@ import time
 import uuid
 
 import pytest
-from _workspaces import ROOT, free_port, start_mlflow, stop
 from registry_gate.conftest import GOOD, INVERTED, TinyRegistry, write_images, write_manifest
+
+from headswap.ui import free_port
+from tests.helpers.servers import start_mlflow, stop
+from tests.helpers.workspace import REPO
 
 pytestmark = pytest.mark.slow
 
 PROMOTE = """
 import json, sys
 from headswap.config import RegistryConfig, SplitConfig
-from headswap.promotion import PromotionFiles, promote_version
+from headswap.promotion.promote import promote_version
+from headswap.promotion.scoring import PromotionFiles
 name, version, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 registry = RegistryConfig(
     model_name=name, lock_stale_s=2.0, lock_wait_s=400, gate={"bootstrap": 12000}
@@ -37,12 +41,13 @@ print("RESULT", json.dumps(outcome.entry))
 
 APPEND = """
 import sys, time
-from headswap.promotion import _entry, append_audit, client
+from headswap.promotion.audit import append_audit, audit_entry
+from headswap.tracking import client
 name, who, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 mlflow_client = client()
 time.sleep(max(0.0, start - time.time()))
 for n in range(10):
-    append_audit(mlflow_client, name, _entry("promote", "refused", "1", "2", f"{who}.{n}"))
+    append_audit(mlflow_client, name, audit_entry("promote", "refused", "1", "2", f"{who}.{n}"))
 """
 
 
@@ -63,7 +68,7 @@ def server(tmp_path_factory):
 def workspace(server, tmp_path, monkeypatch):
     """Images + manifest (all test rows) in the cwd, the server as the tracking store."""
     from headswap.config import RegistryConfig, SplitConfig
-    from headswap.promotion import PromotionFiles
+    from headswap.promotion.scoring import PromotionFiles
 
     rows = write_images(tmp_path / "data" / "raw")
     write_manifest(tmp_path / "data" / "prepared" / "manifest.csv", rows)
@@ -79,7 +84,7 @@ def start_all(script: str, cwd, *argument_lists: list[str]) -> list[subprocess.P
     """One process per argument list, all released at the same moment (8 s from now)."""
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
         "HEADSWAP_USER": "race",
     }
     start = str(time.time() + 8)  # after every interpreter has imported what it needs
@@ -106,7 +111,7 @@ def finish(processes: list[subprocess.Popen]) -> list[str]:
 
 
 def audit(reg) -> list[dict]:
-    from headswap.promotion import history
+    from headswap.promotion.audit import history
 
     return history(reg.registry)
 
@@ -129,15 +134,14 @@ def test_two_long_promotions_are_serialised_by_the_heartbeat_not_broken(workspac
     assert moves[0]["old_version"] == "1"
     assert moves[1]["old_version"] == moves[0]["new_version"]  # gated against the first's result
     assert all(m["outcome"] == "promoted" for m in moves)
-    from headswap.promotion import client
-    from headswap.registry import alias_version
+    from headswap.tracking import alias_version, client
 
     assert alias_version(client(), name, "champion") == moves[1]["new_version"]
     assert client().search_registered_models(f"name LIKE '{name}.%'") == []  # lock, claims gone
 
 
 def test_concurrent_audit_writers_never_share_or_lose_a_sequence_number(workspace):
-    from headswap.promotion import client
+    from headswap.tracking import client
 
     name = workspace.registry.model_name
     client().create_registered_model(name)

@@ -2,7 +2,7 @@
 
 One tiny pipeline runs up to ``export`` in a temp DVC workspace; each test then exercises the
 register stage as ``dvc repro`` (or the CLI's own function) runs it. MLflow's HTTP retry settings
-are left as a user has them (unset): headswap's one retry policy (registry.HTTP_RETRY_POLICY)
+are left as a user has them (unset): headswap's one retry policy (tracking.HTTP_RETRY_POLICY)
 is what is tested, not a test-only override.
 """
 
@@ -16,11 +16,13 @@ import sys
 import time
 
 import pytest
-from _workspaces import free_port, make_pipeline_workspace, run, start_mlflow, stop, tool_env
 
-from headswap import registry
+from headswap import register
 from headswap.config import load_params
 from headswap.errors import RegistryError
+from headswap.ui import free_port
+from tests.helpers.servers import start_mlflow, stop
+from tests.helpers.workspace import make_pipeline_workspace, run, tool_env
 
 pytestmark = pytest.mark.slow
 STAGES = ("prepare", "features", "train", "evaluate", "export", "register")
@@ -159,23 +161,23 @@ def test_server_dying_mid_registration_leaves_no_version_without_its_gates(
     monkeypatch.chdir(exported)
     db, art = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art"
     server = start_mlflow(db, art, port, tmp_path / "mlflow.log")
-    real_alias = registry.finish_registration
+    real_alias = register.finish_registration
 
     def die_first(*args, **kwargs):  # the server goes away after the version was created
         stop(server)
         return real_alias(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "finish_registration", die_first)
+    monkeypatch.setattr(register, "finish_registration", die_first)
     params = load_params("params.yaml")
     for key in RETRY_SETTINGS:
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RegistryError, match="setting aliases: the MLflow tracking server at"):
-        registry.register_model(params, registry.StageFiles(), tmp_path / "registry.json")
-    monkeypatch.setattr(registry, "finish_registration", real_alias)
+        register.register_model(params, register.StageFiles(), tmp_path / "registry.json")
+    monkeypatch.setattr(register, "finish_registration", real_alias)
 
     server = start_mlflow(db, art, port, tmp_path / "mlflow.log")
     try:
-        retry = registry.register_model(params, registry.StageFiles(), tmp_path / "registry.json")
+        retry = register.register_model(params, register.StageFiles(), tmp_path / "registry.json")
         from mlflow import MlflowClient
 
         client = MlflowClient()
@@ -205,7 +207,7 @@ def test_failed_parity_is_never_registered_or_aliased(exported, tmp_path, monkey
     try:
         params = load_params("params.yaml")
         with pytest.raises(RegistryError, match="parity check did not pass"):
-            registry.register_model(params, registry.StageFiles(), tmp_path / "registry.json")
+            register.register_model(params, register.StageFiles(), tmp_path / "registry.json")
         from mlflow import MlflowClient
 
         assert MlflowClient().search_registered_models() == []

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _workspaces import BIN, free_port, tool_env
 from registry_gate.conftest import write_images, write_manifest
+
+from headswap.ui import free_port
+from tests.helpers.workspace import VENV_BIN, tool_env
 
 RETRY_SETTINGS = (
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -71,7 +73,7 @@ COMMANDS = {
 def test_a_users_retry_setting_is_kept_and_each_retry_is_shown(workspace):
     env, uri = down_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
     done = subprocess.run(
-        [str(BIN / "headswap"), "history"],
+        [str(VENV_BIN / "headswap"), "history"],
         cwd=workspace,
         env=env,
         capture_output=True,
@@ -92,7 +94,7 @@ def test_every_command_fails_within_minutes_against_a_server_that_is_down(worksp
     started = time.monotonic()
     running = {
         name: subprocess.Popen(
-            [str(BIN / "headswap"), *args],
+            [str(VENV_BIN / "headswap"), *args],
             cwd=workspace,
             env=env,
             stdout=subprocess.PIPE,

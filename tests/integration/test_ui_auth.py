@@ -27,7 +27,7 @@ from headswap.ui import (
     stop,
     wait_until_healthy,
 )
-from tests import prefect_stack as stack
+from tests.helpers import prefect_stack as stack
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from headswap.ui import CREDENTIALS_FILE, Credentials, free_port, healthy, port_in_use
-from tests import prefect_stack as stack
+from tests.helpers import prefect_stack as stack
 
 pytestmark = pytest.mark.slow
 

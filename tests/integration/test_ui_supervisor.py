@@ -3,10 +3,13 @@ started, stop the group."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +32,18 @@ def _web_server(port: int, name: str = "web", pid_file=None) -> Service:
     serve = f"exec {sys.executable} -m http.server {port} --bind 127.0.0.1"
     script = f"sleep 300 & echo $! > {pid_file}; {serve}" if pid_file else serve
     return Service(name, ["bash", "-c", script], f"http://127.0.0.1:{port}/")
+
+
+@contextlib.contextmanager
+def _foreign_server(port: int, name: str, cwd: Path) -> Iterator[Service]:
+    """A healthy web server on ``port`` that no ``headswap ui`` started; stopped afterwards."""
+    server = _web_server(port, name)
+    start(server, cwd=cwd)
+    try:
+        wait_until_healthy(server, timeout_s=60)
+        yield server
+    finally:
+        stop(server, timeout_s=10)
 
 
 def _alive(pid: int) -> bool:
@@ -78,10 +93,7 @@ def test_a_server_that_headswap_ui_started_here_is_reused_and_left_running(tmp_p
 
 def test_a_healthy_server_it_did_not_start_is_refused_unless_attach(tmp_path):
     port = free_port()
-    theirs = _web_server(port, "theirs")
-    start(theirs, cwd=tmp_path)
-    try:
-        wait_until_healthy(theirs, timeout_s=60)
+    with _foreign_server(port, "theirs", tmp_path) as theirs:
         ours = _web_server(port, "prefect-server")
         with pytest.raises(UiError, match=f"port {port} .* did not start .* pass --attach"):
             _start_unless_running(ours, ours.health_url, port, UiConfig(root=tmp_path))
@@ -89,27 +101,20 @@ def test_a_healthy_server_it_did_not_start_is_refused_unless_attach(tmp_path):
         assert _start_unless_running(ours, ours.health_url, port, attach) is False
         assert ours.process is None
         assert healthy(theirs.health_url)
-    finally:
-        stop(theirs, timeout_s=10)
 
 
 def test_a_record_is_trusted_only_if_its_live_process_carries_the_token(tmp_path):
     """A record naming a process that lacks its token (a forged record, a reused pid) or a
     process that is gone does not make a foreign server ours."""
     port = free_port()
-    theirs = _web_server(port, "theirs")
-    start(theirs, cwd=tmp_path)
     record = tmp_path / ".headswap/ui/prefect-server.json"
-    try:
-        wait_until_healthy(theirs, timeout_s=60)
+    with _foreign_server(port, "theirs", tmp_path) as theirs:
         ours = _web_server(port, "prefect-server")
         for pid in (theirs.process.pid, 2**22 + 1):  # alive without the token; no such process
             fields = {"pid": pid, "host": "127.0.0.1", "port": port}
             record.write_text(json.dumps({**fields, "token": "forged", "auth": None}))
             with pytest.raises(UiError, match="did not start"):
                 _start_unless_running(ours, ours.health_url, port, UiConfig(root=tmp_path))
-    finally:
-        stop(theirs, timeout_s=10)
 
 
 def test_a_server_started_with_other_credentials_is_not_reused(tmp_path):
@@ -126,15 +131,10 @@ def test_a_server_started_with_other_credentials_is_not_reused(tmp_path):
 
 def test_a_port_taken_by_something_else_is_an_error(tmp_path):
     port = free_port()
-    blocker = _web_server(port, "blocker")
-    start(blocker, cwd=tmp_path)
-    try:
-        wait_until_healthy(blocker, timeout_s=60)
+    with _foreign_server(port, "blocker", tmp_path):
         other = Service("prefect-server", ["true"], f"http://127.0.0.1:{port}/api/health")
         with pytest.raises(UiError, match=f"port {port} .* not prefect-server"):
             _start_unless_running(other, "x", port, UiConfig(root=tmp_path))
-    finally:
-        stop(blocker, timeout_s=10)
 
 
 def test_a_service_that_dies_at_startup_is_reported_with_its_log(tmp_path):

@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from headswap.config import Params, flatten_params, load_params, parse_params
+from headswap.config import (
+    PROJECT_PARAMS,
+    BodyConfig,
+    HeadConfig,
+    Params,
+    load_params,
+    parse_params,
+)
 from headswap.errors import ConfigError
+from headswap.io import flatten
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,8 +75,25 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
         load_params(bad)
 
 
-def test_flatten_params_uses_dotted_keys():
-    flat = flatten_params(Params())
-    assert flat["head.C"] == "1.0"
-    assert flat["data.split.seed"] == "0"
-    assert flat["backbone.taps"] == "['head']"
+def test_params_flatten_to_dotted_keys():
+    params = Params(head={"C": 1.0}, backbone={"taps": ["head"]})
+    flat = flatten(params.model_dump(mode="json"))
+    assert flat["head.C"] == 1.0
+    assert flat["data.split.seed"] == 0
+    assert flat["backbone.taps"] == ["head"]
+
+
+def test_params_built_in_code_are_the_params_yaml_pipeline():
+    """No defaults of its own: what a caller leaves out comes from the project's params.yaml."""
+    assert PROJECT_PARAMS == REPO / "params.yaml"
+    assert Params() == load_params(REPO / "params.yaml")
+    assert Params().head.C == load_params(REPO / "params.yaml").head.C
+
+
+def test_a_section_built_in_code_takes_the_rest_from_params_yaml():
+    committed = load_params(REPO / "params.yaml")
+    head = HeadConfig(C=0.5)
+    assert head.C == 0.5
+    assert head.model_dump(exclude={"C"}) == committed.head.model_dump(exclude={"C"})
+    member = BodyConfig(name="efficientnet_lite0")
+    assert member.taps == committed.backbone.taps and member.pool == committed.backbone.pool

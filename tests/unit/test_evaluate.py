@@ -14,11 +14,12 @@ from headswap.evaluate import (
     core_metrics,
     decide,
     evaluate_head,
-    expected_calibration_error,
     roc_auc,
 )
-from headswap.heads import load_head, save_head, train_head
-from tests.synthetic import CLASSES, make_features
+from headswap.heads import load_head
+from headswap.metrics import expected_calibration_error
+from headswap.train import save_head, train_head
+from tests.helpers.synthetic import CLASSES, make_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,7 +38,7 @@ def write_manifest(path, features) -> None:
 def evaluated(tmp_path):
     features = make_features(views=2)
     write_manifest(tmp_path / "manifest.csv", features)
-    head, meta = train_head(features, CLASSES, HeadConfig(device="cpu"), "auto")
+    head, meta = train_head(features, CLASSES, HeadConfig(device="cpu", C=1.0), "auto")
     config = EvaluateConfig(bootstrap=200)
     result = evaluate_head(
         head, meta, features, tmp_path / "manifest.csv", config, tmp_path / "reports"

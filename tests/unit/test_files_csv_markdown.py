@@ -11,11 +11,13 @@ import pytest
 from PIL import Image
 
 from headswap.config import DataConfig
-from headswap.data import prepare, read_manifest
 from headswap.evaluate import _write_predictions
 from headswap.io import FORMULA_PREFIXES, csv_text, defuse_cell, parse_csv, restore_cell
 from headswap.learning_curve import CurvePoint, write_table
+from headswap.manifest import read_manifest
 from headswap.modelcard import md_code, md_text, render_model_card
+from headswap.prepare import prepare
+from tests.helpers.workspace import noise_image
 
 HOSTILE = ["=1+2", "+ve", "-cmd", "@SUM(A1)", "\tx", "\rx", " =HYPERLINK(1)", "'quoted"]
 
@@ -47,18 +49,13 @@ def test_csv_text_round_trips_every_hostile_cell():
     assert parse_csv(text) == [{"label": v, "path": f"{v}/x.png", "n": "3"} for v in HOSTILE]
 
 
-def noise(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-
-
 def test_the_manifest_defuses_class_names_and_paths_and_reads_back_as_written(tmp_path):
     raw = tmp_path / "raw"
     labels = ["=1+2", "@SUM(A1)", "-cmd"]
     for offset, label in enumerate(labels):
         (raw / label).mkdir(parents=True)
         for index in range(4):
-            noise(offset * 10 + index).save(raw / label / f"+{index}.png")
+            noise_image(offset * 10 + index).save(raw / label / f"+{index}.png")
     result = prepare(DataConfig(source="elpv", positive_class=None), raw, tmp_path / "out")
     assert not any(runs_in_a_spreadsheet(cell) for cell in cells(result.manifest))
     rows = read_manifest(result.manifest)
@@ -106,18 +103,8 @@ def test_the_learning_curve_table_goes_through_the_same_writer(tmp_path):
     point = CurvePoint(None, 40, 2, 0.9, 0.01, None, None, [0.9, 0.9], [None, None])
     write_table([point], tmp_path / "curve.csv", tmp_path / "curve.json")
     text = (tmp_path / "curve.csv").read_text()
-    assert text == csv_text(
-        [
-            "per_class",
-            "train_images",
-            "seeds",
-            "accuracy_mean",
-            "accuracy_std",
-            "roc_auc_mean",
-            "roc_auc_std",
-        ],
-        [["all", 40, 2, "0.900000", "0.010000", "", ""]],
-    )
+    header = "per_class,train_images,seeds,accuracy_mean,accuracy_std,roc_auc_mean,roc_auc_std"
+    assert text == csv_text(header.split(","), [["all", 40, 2, "0.900000", "0.010000", "", ""]])
 
 
 UNDEFINED = {"balanced_accuracy": None, "roc_auc": None}

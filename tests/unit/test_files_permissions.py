@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from headswap.config import DataConfig, Params
-from headswap.data import INGEST_REPORT_FILE, ingest
+from headswap.ingest import ingest
 from headswap.io import atomic_path, atomic_write_text, is_temp_file, output_files
+from headswap.raw_layout import INGEST_REPORT_FILE
 from headswap.workspace import apply_overrides
 
 
@@ -83,7 +84,7 @@ def test_a_killed_runs_temp_files_are_not_uploaded_with_the_plots(tmp_path, monk
     import mlflow
     from mlflow import MlflowClient
 
-    from headswap.registry import StageFiles, _log_run_contents
+    from headswap.register import StageFiles, _log_run_contents
 
     monkeypatch.chdir(tmp_path)
     files = StageFiles(

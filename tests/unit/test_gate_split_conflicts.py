@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 
 from headswap.config import PromotionGateConfig, RegistryConfig, SplitConfig
+from headswap.errors import PromotionError
 from headswap.evaluate import core_metrics
-from headswap.promotion import (
-    PromotionError,
-    PromotionFiles,
-    Scores,
-    class_conflict,
-    compare,
-    new_test_images,
-    promote_version,
-    split_conflicts,
-)
-from headswap.registry import split_tags
+from headswap.lineage import split_tags
+from headswap.promotion.fairness import class_conflict, new_test_images, split_conflicts
+from headswap.promotion.promote import promote_version
+from headswap.promotion.scoring import PromotionFiles
+from headswap.promotion.statistics import Scores, compare
 
 CURRENT = split_tags(SplitConfig())
 

@@ -10,16 +10,15 @@ import torch
 
 from headswap.config import HeadConfig
 from headswap.errors import ConfigError
-from headswap.heads import (
+from headswap.heads import load_head, predict_proba
+from headswap.train import (
     choose_threshold,
     class_weights,
     fit_temperature,
-    load_head,
-    predict_proba,
     save_head,
     train_head,
 )
-from tests.synthetic import CLASSES, make_features
+from tests.helpers.synthetic import CLASSES, make_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,8 +127,8 @@ def test_balanced_class_weight_raises_minority_recall():
         head, meta = train_head(features, CLASSES, config, 0.5)
         return float((predict_proba(head, test_x)[positives, 1] >= 0.5).mean())
 
-    assert recall(HeadConfig(class_weight="balanced", device="cpu")) > recall(
-        HeadConfig(device="cpu")
+    assert recall(HeadConfig(class_weight="balanced", device="cpu", C=1.0)) > recall(
+        HeadConfig(device="cpu", C=1.0)
     )
 
 
@@ -149,7 +148,7 @@ def test_mlp_stops_early_on_validation_loss():
 
 def test_temperature_scaling_lowers_validation_nll_of_an_overconfident_head():
     features = make_features()
-    head, _ = train_head(features, CLASSES, HeadConfig(device="cpu"))
+    head, _ = train_head(features, CLASSES, HeadConfig(device="cpu", C=1.0))
     with torch.no_grad():
         head.net.weight.mul_(8.0)  # make it badly overconfident
     val_x, names = features.select("val")
@@ -179,7 +178,7 @@ def test_three_classes_use_softmax_and_no_threshold():
     rng = np.random.default_rng(0)
     names = np.array(["a", "b", "c"])[rng.integers(0, 3, 150)]
     three = dataclasses.replace(features, label=names)
-    head, meta = train_head(three, ["a", "b", "c"], HeadConfig(device="cpu"), "auto")
+    head, meta = train_head(three, ["a", "b", "c"], HeadConfig(device="cpu", C=1.0), "auto")
     probabilities = predict_proba(head, three.select("test")[0])
     assert meta.threshold is None
     assert probabilities.shape[1] == 3
@@ -194,15 +193,15 @@ def test_C_auto_with_an_mlp_head_is_a_config_error():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_requested_without_a_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="head.device"):
-        train_head(make_features(), CLASSES, HeadConfig(device="cuda"))
+        train_head(make_features(), CLASSES, HeadConfig(device="cuda", C=1.0))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_head_trains_on_cuda_and_agrees_with_cpu():
     features = make_features(views=2)
-    cpu_head, _ = train_head(features, CLASSES, HeadConfig(device="cpu"))
-    gpu_head, meta = train_head(features, CLASSES, HeadConfig(device="cuda"))
+    cpu_head, _ = train_head(features, CLASSES, HeadConfig(device="cpu", C=1.0))
+    gpu_head, meta = train_head(features, CLASSES, HeadConfig(device="cuda", C=1.0))
     test_x, _ = features.select("test")
     assert meta.device == "cuda"
     np.testing.assert_allclose(

@@ -5,26 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from headswap.config import DataConfig
-from headswap.data import ATTRIBUTES_FILE, INGEST_REPORT_FILE, ClassChanges, ingest
 from headswap.errors import DataError
-
-
-def noise(seed: int, size: int = 8) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def source_folder(root: Path, n_per_class: dict[str, int]) -> Path:
-    for offset, (label, n) in enumerate(n_per_class.items()):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for index in range(n):
-            noise(offset * 100 + index).save(root / label / f"{index}.png")
-    return root
+from headswap.ingest import ClassChanges, ingest
+from headswap.raw_layout import ATTRIBUTES_FILE, INGEST_REPORT_FILE
+from tests.helpers.workspace import noise_folder, noise_image
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
@@ -40,7 +27,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
 
 @pytest.fixture
 def source(tmp_path) -> Path:
-    return source_folder(tmp_path / "source", {"cat": 3, "dog": 2})
+    return noise_folder(tmp_path / "source", {"cat": 3, "dog": 2})
 
 
 def sync(source: Path, raw: Path, **data):
@@ -72,11 +59,11 @@ def test_added_removed_and_replaced_files_are_mirrored_and_reported_per_class(so
     raw = tmp_path / "raw"
     sync(source, raw)
     before = snapshot(raw)
-    noise(50).save(source / "cat" / "new.png")
+    noise_image(50).save(source / "cat" / "new.png")
     (source / "cat" / "1.png").unlink()
-    noise(51).save(source / "dog" / "0.png")  # same name, other image
+    noise_image(51).save(source / "dog" / "0.png")  # same name, other image
     (source / "bird").mkdir()
-    noise(52).save(source / "bird" / "b.png")
+    noise_image(52).save(source / "bird" / "b.png")
     result = sync(source, raw)
     assert result.changes == {
         "bird": ClassChanges(added=1),

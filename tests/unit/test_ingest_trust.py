@@ -7,35 +7,17 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from headswap.config import DataConfig
-from headswap.data import (
-    INGEST_REPORT_FILE,
-    NAME_TAKEN,
-    ClassChanges,
-    ingest,
-    prepare,
-    read_manifest,
-)
 from headswap.errors import DataError
+from headswap.ingest import NAME_TAKEN, ClassChanges, ingest
+from headswap.manifest import read_manifest
+from headswap.prepare import prepare
+from headswap.raw_layout import INGEST_REPORT_FILE
+from tests.helpers.workspace import noise_folder, noise_image
 
 SECRET = b"[default]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = hunter2\n"
-
-
-def noise(seed: int, size: int = 8) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def source_folder(root: Path, n_per_class: dict[str, int], seed: int = 0) -> Path:
-    for offset, (label, n) in enumerate(n_per_class.items()):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for index in range(n):
-            noise(seed + offset * 100 + index).save(root / label / f"{index}.png")
-    return root
 
 
 def sync(source: Path, raw: Path, workspace: Path | None = None, **data):
@@ -52,7 +34,7 @@ def report(raw: Path) -> dict[str, str]:
 
 
 def test_nothing_but_images_is_copied_even_when_named_or_linked_as_one(tmp_path):
-    source = source_folder(tmp_path / "source", {"cat": 3, "dog": 3})
+    source = noise_folder(tmp_path / "source", {"cat": 3, "dog": 3})
     home = tmp_path / "home"
     (home / ".aws").mkdir(parents=True)
     (home / ".aws" / "credentials").write_bytes(SECRET)
@@ -64,12 +46,12 @@ def test_nothing_but_images_is_copied_even_when_named_or_linked_as_one(tmp_path)
     (cat / "BMW.bmp").write_bytes(b"BMW owners list: " + bytes(40))  # starts "BM", not a bitmap
     os.mkfifo(cat / "pipe.png")  # not a regular file: opening it would block the sync
     (cat / ".git").mkdir()
-    noise(7).save(cat / ".git" / "hidden-folder.png")  # hidden folder, at depth
+    noise_image(7).save(cat / ".git" / "hidden-folder.png")  # hidden folder, at depth
     (cat / "sub" / ".cache").mkdir(parents=True)
-    noise(8).save(cat / "sub" / ".cache" / "deeper.png")
-    noise(9).save(cat / ".hidden.png")
+    noise_image(8).save(cat / "sub" / ".cache" / "deeper.png")
+    noise_image(9).save(cat / ".hidden.png")
     real = tmp_path / "real.png"
-    noise(10).save(real)
+    noise_image(10).save(real)
     (cat / "link.png").symlink_to(real)  # a link to an image is an image
 
     result = sync(source, tmp_path / "raw")
@@ -92,8 +74,8 @@ def test_nothing_but_images_is_copied_even_when_named_or_linked_as_one(tmp_path)
 
 
 def test_every_image_format_ingest_accepts_starts_as_it_checks(tmp_path):
-    source = source_folder(tmp_path / "source", {"dog": 2})
-    image = noise(1, 16)
+    source = noise_folder(tmp_path / "source", {"dog": 2})
+    image = noise_image(1, 16)
     for fmt, suffix in (("PNG", "png"), ("JPEG", "jpg"), ("GIF", "gif"), ("BMP", "bmp")):
         (source / "cat").mkdir(exist_ok=True)
         image.save(source / "cat" / f"x.{suffix}", fmt)
@@ -105,10 +87,10 @@ def test_every_image_format_ingest_accepts_starts_as_it_checks(tmp_path):
 
 
 def test_subfolders_keep_their_paths_so_equal_names_no_longer_collide(tmp_path):
-    source = source_folder(tmp_path / "source", {"cat": 2, "dog": 2})
+    source = noise_folder(tmp_path / "source", {"cat": 2, "dog": 2})
     for index, sub in enumerate(("a", "b", "a/deep")):
         (source / "cat" / sub).mkdir(parents=True, exist_ok=True)
-        noise(50 + index).save(source / "cat" / sub / "x.png")
+        noise_image(50 + index).save(source / "cat" / sub / "x.png")
     raw = tmp_path / "raw"
     result = sync(source, raw)
     assert result.changes["cat"] == ClassChanges(added=5)
@@ -129,10 +111,10 @@ def test_subfolders_keep_their_paths_so_equal_names_no_longer_collide(tmp_path):
 
 
 def test_a_linked_class_folder_is_followed_but_a_linked_folder_inside_a_class_is_not(tmp_path):
-    elsewhere = source_folder(tmp_path / "elsewhere", {"dogs": 3}, seed=500)
-    source = source_folder(tmp_path / "source", {"cat": 3})
+    elsewhere = noise_folder(tmp_path / "elsewhere", {"dogs": 3}, seed=500)
+    source = noise_folder(tmp_path / "source", {"cat": 3})
     (source / "dog").symlink_to(elsewhere / "dogs", target_is_directory=True)
-    outside = source_folder(tmp_path / "outside", {"stuff": 2}, seed=900)
+    outside = noise_folder(tmp_path / "outside", {"stuff": 2}, seed=900)
     (source / "cat" / "more").symlink_to(outside / "stuff", target_is_directory=True)
     raw = tmp_path / "raw"
     result = sync(source, raw)
@@ -157,7 +139,7 @@ def test_a_linked_class_folder_is_followed_but_a_linked_folder_inside_a_class_is
 def test_a_source_overlapping_the_workspace_or_data_raw_is_refused(tmp_path, where, fragment):
     work = tmp_path / "project"
     raw = work / "data" / "raw"
-    source_folder(work / "images", {"cat": 2, "dog": 2})
+    noise_folder(work / "images", {"cat": 2, "dog": 2})
     sync(work / "images", raw, workspace=work)  # a source inside the project is fine
     before = files_under(raw)
     (tmp_path / "link").symlink_to(work, target_is_directory=True)
@@ -176,7 +158,7 @@ def test_a_source_overlapping_the_workspace_or_data_raw_is_refused(tmp_path, whe
 
 def test_a_source_of_non_images_only_is_refused_and_data_raw_kept(tmp_path):
     raw = tmp_path / "raw"
-    sync(source_folder(tmp_path / "source", {"cat": 2, "dog": 2}), raw)
+    sync(noise_folder(tmp_path / "source", {"cat": 2, "dog": 2}), raw)
     before = files_under(raw)
     other = tmp_path / "other" / "cat"
     other.mkdir(parents=True)
@@ -187,12 +169,12 @@ def test_a_source_of_non_images_only_is_refused_and_data_raw_kept(tmp_path):
 
 
 def test_a_name_that_is_not_utf8_is_copied_escaped_and_reaches_the_manifest(tmp_path):
-    source = source_folder(tmp_path / "source", {"cat": 4, "dog": 4})
+    source = noise_folder(tmp_path / "source", {"cat": 4, "dog": 4})
     latin1 = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name from an old archive
-    noise(40).save(source / "cat" / latin1)
+    noise_image(40).save(source / "cat" / latin1)
     os.mkdir(os.path.join(os.fsencode(source), b"b\xf6se"))  # a class folder too
     for index in range(2):
-        noise(60 + index).save(source / os.fsdecode(b"b\xf6se") / f"{index}.png")
+        noise_image(60 + index).save(source / os.fsdecode(b"b\xf6se") / f"{index}.png")
     raw = tmp_path / "raw"
     result = sync(source, raw)
     assert set(result.renamed) == {"cat/caf%E9.png", "b%F6se/0.png", "b%F6se/1.png"}
@@ -211,9 +193,9 @@ def test_a_name_that_is_not_utf8_is_copied_escaped_and_reaches_the_manifest(tmp_
 
 
 def test_an_escaped_name_that_is_taken_is_reported_not_overwritten(tmp_path):
-    source = source_folder(tmp_path / "source", {"cat": 2, "dog": 2})
-    noise(70).save(source / "cat" / "caf%E9.png")
-    noise(71).save(source / "cat" / os.fsdecode(b"caf\xe9.png"))
+    source = noise_folder(tmp_path / "source", {"cat": 2, "dog": 2})
+    noise_image(70).save(source / "cat" / "caf%E9.png")
+    noise_image(71).save(source / "cat" / os.fsdecode(b"caf\xe9.png"))
     raw = tmp_path / "raw"
     sync(source, raw)
     assert (raw / "cat" / "caf%E9.png").read_bytes() == (source / "cat" / "caf%E9.png").read_bytes()
@@ -223,8 +205,8 @@ def test_an_escaped_name_that_is_taken_is_reported_not_overwritten(tmp_path):
 def test_a_name_that_is_not_utf8_put_in_data_raw_by_hand_is_skipped_with_an_escaped_path(
     tmp_path,
 ):
-    raw = source_folder(tmp_path / "raw", {"cat": 4, "dog": 4})
-    noise(80).save(raw / "cat" / os.fsdecode(b"na\xefve.png"))
+    raw = noise_folder(tmp_path / "raw", {"cat": 4, "dog": 4})
+    noise_image(80).save(raw / "cat" / os.fsdecode(b"na\xefve.png"))
     out = prepare(DataConfig(source="elpv", positive_class=None), raw, tmp_path / "prepared")
     (skipped,) = out.skipped_files
     assert skipped["path"] == "cat/na%EFve.png" and "not valid UTF-8" in skipped["reason"]
@@ -232,10 +214,10 @@ def test_a_name_that_is_not_utf8_put_in_data_raw_by_hand_is_skipped_with_an_esca
 
 
 def test_a_file_swapped_for_a_non_image_after_the_sync_planned_it_is_not_copied(tmp_path):
-    from headswap.data import _atomic_copy
+    from headswap.ingest import _atomic_copy
 
     link = tmp_path / "x.png"
-    noise(1).save(tmp_path / "image.png")
+    noise_image(1).save(tmp_path / "image.png")
     (tmp_path / "secret").write_bytes(SECRET)
     link.symlink_to(tmp_path / "image.png")
     raw = tmp_path / "raw" / "cat"
@@ -249,8 +231,8 @@ def test_a_file_swapped_for_a_non_image_after_the_sync_planned_it_is_not_copied(
 
 def test_a_class_folder_linked_to_the_project_is_refused(tmp_path):
     work = tmp_path / "project"
-    source = source_folder(tmp_path / "source", {"cat": 2})
-    source_folder(work / "images", {"x": 2})
+    source = noise_folder(tmp_path / "source", {"cat": 2})
+    noise_folder(work / "images", {"x": 2})
     (source / "dog").symlink_to(work, target_is_directory=True)  # would copy data/raw into itself
     with pytest.raises(DataError, match="class folder dog is the workspace"):
         sync(source, work / "data" / "raw", workspace=work)
@@ -262,8 +244,8 @@ def test_the_ingest_command_says_how_many_names_it_escaped(tmp_path, monkeypatch
 
     from headswap.cli import app
 
-    source = source_folder(tmp_path / "source", {"cat": 3, "dog": 3})
-    noise(41).save(source / "cat" / os.fsdecode(b"caf\xe9.png"))
+    source = noise_folder(tmp_path / "source", {"cat": 3, "dog": 3})
+    noise_image(41).save(source / "cat" / os.fsdecode(b"caf\xe9.png"))
     (tmp_path / "params.yaml").write_text(f"data:\n  source: {source}\n  positive_class: null\n")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["ingest"])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from headswap.config import HeadConfig
 from headswap.errors import ConfigError
 from headswap.learning_curve import learning_curve, parse_sizes, subsample_train
-from tests.synthetic import CLASSES, make_features
+from tests.helpers.synthetic import CLASSES, make_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,7 +61,7 @@ def test_more_training_images_do_not_hurt_on_average():
 def test_sizes_at_or_above_the_split_collapse_into_all():
     features = make_features(n=120)
     points = learning_curve(
-        features, CLASSES, HeadConfig(device="cpu"), 0.5, [5, 5000, None], seeds=1
+        features, CLASSES, HeadConfig(device="cpu", C=1.0), 0.5, [5, 5000, None], seeds=1
     )
     assert [p.per_class for p in points] == [5, None]
 

@@ -14,21 +14,19 @@ import uuid
 import pytest
 
 from headswap.config import RegistryConfig
-from headswap.promotion import (
+from headswap.promotion.audit import append_audit, audit_entry, read_history
+from headswap.promotion.lock import (
     LOCK_SUFFIX,
     HeldLock,
     PromotionLockedError,
     PromotionLockLostError,
-    _entry,
-    _move_and_record,
-    _try_lock,
-    append_audit,
     promotion_lock,
-    read_history,
     read_lock,
     remove_lock,
+    try_lock,
 )
-from headswap.registry import alias_version
+from headswap.promotion.promote import move_and_record
+from headswap.tracking import alias_version
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +86,13 @@ def test_a_promoter_whose_lock_was_broken_moves_nothing_and_writes_no_audit(stor
         # A waiter judged it stale (say this process was paused) and broke it; another took it.
         assert remove_lock(store, lock, held.token, by="waiter")
         other = stack.enter_context(promotion_lock(store, registry.model_copy()))
-        record = _entry("promote", "promoted", "1", "2", "should not happen")
+        record = audit_entry("promote", "promoted", "1", "2", "should not happen")
         with pytest.raises(PromotionLockLostError, match="was broken while this promotion ran"):
-            _move_and_record(held, model, "1", "2", record)
+            move_and_record(held, model, "1", "2", record)
         with pytest.raises(PromotionLockLostError):
-            append_audit(store, model, _entry("promote", "refused", "1", "2", "nor this"), held)
+            append_audit(
+                store, model, audit_entry("promote", "refused", "1", "2", "nor this"), held
+            )
         assert alias_version(store, model, "champion") == "1"
         assert read_history(store, model) == []
         # The first holder's exit (the stack unwinds it last) must not release the new lock.
@@ -119,16 +119,16 @@ def test_an_alias_moved_just_before_the_lock_was_lost_is_moved_back(store, model
     registry = config(model, lock_stale_s=60)
     with promotion_lock(store, registry) as held:
         racing = LostAfterFirstCheck(held.client, held.lock, held.token, held.heartbeat)
-        record = _entry("promote", "promoted", "1", "2", "raced")
+        record = audit_entry("promote", "promoted", "1", "2", "raced")
         with pytest.raises(PromotionLockLostError):
-            _move_and_record(racing, model, "1", "2", record)
+            move_and_record(racing, model, "1", "2", record)
     assert alias_version(store, model, "champion") == "1"
     assert read_history(store, model) == []
 
 
 def test_remove_lock_deletes_only_the_lock_whose_token_it_was_given(store, model):
     lock = f"{model}{LOCK_SUFFIX}"
-    assert _try_lock(store, lock, "current", 1.0)
+    assert try_lock(store, lock, "current", 1.0)
     before = dict(store.get_registered_model(lock).tags)
     assert not remove_lock(store, lock, "an-earlier-holder", by="waiter")
     assert dict(store.get_registered_model(lock).tags) == before  # put back as it was
@@ -145,7 +145,9 @@ def test_audit_sequence_numbers_stay_unique_without_the_lock(store, model):
     def writer(who: int) -> None:
         try:
             for n in range(6):
-                append_audit(store, model, _entry("promote", "refused", "1", "2", f"{who}.{n}"))
+                append_audit(
+                    store, model, audit_entry("promote", "refused", "1", "2", f"{who}.{n}")
+                )
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 

@@ -6,7 +6,7 @@ of simulated time; tests/unit/test_lock_fencing.py checks the lock itself on a r
 
 from __future__ import annotations
 
-from headswap.promotion import LockState, StalenessWatch, heartbeat_interval
+from headswap.promotion.lock import LockState, StalenessWatch, heartbeat_interval
 
 STALE_S = 60.0
 BEAT_S = heartbeat_interval(STALE_S)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from headswap.backbones import BUNDLED_LICENSE
+from headswap.backbones.registry import BUNDLED_LICENSE
 from headswap.modelcard import DESCRIPTION_LIMIT, as_description, render_model_card
 from headswap.predict import PredictError, _escapes, _safe_cell, collect_images
 

@@ -26,43 +26,15 @@ from headswap.predict import (
     predict_images,
     printable,
 )
+from tests.helpers.synthetic import brightness_onnx
 
 
 def brightness_model(
     path: Path, classes: tuple[str, ...] = ("dark", "bright"), size: str = "16"
 ) -> Path:
     """A real 2-output ONNX classifier on mean brightness; metadata ``classes`` and ``size``."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    tensors = [
-        helper.make_tensor("W", TensorProto.FLOAT, [1, 2], [0.0, 20.0]),
-        helper.make_tensor("B", TensorProto.FLOAT, [2], [0.0, -10.0]),
-        helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1]),
-        helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0]),
-    ]
-    nodes = [
-        helper.make_node("ReduceMean", ["pixels"], ["mean4"], axes=[1, 2, 3], keepdims=1),
-        helper.make_node("Reshape", ["mean4", "shape"], ["mean"]),
-        helper.make_node("Div", ["mean", "scale"], ["x"]),
-        helper.make_node("MatMul", ["x", "W"], ["z"]),
-        helper.make_node("Add", ["z", "B"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
-    ]
-    pixels = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 3, "h", "w"])
-    outputs = [
-        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 2]),
-        helper.make_tensor_value_info("label", TensorProto.INT64, ["n"]),
-    ]
-    graph = helper.make_graph(nodes, "tiny", [pixels], outputs, tensors)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    meta = {"headswap.classes": json.dumps(list(classes)), "headswap.image_size": size}
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
-    return path
+    metadata = {"headswap.classes": json.dumps(list(classes)), "headswap.image_size": size}
+    return brightness_onnx(path, metadata, slope=20.0, cut=0.5)
 
 
 def grey(path: Path, level: int) -> Path:

@@ -8,13 +8,12 @@ from sklearn.metrics import roc_auc_score
 
 from headswap.config import PromotionGateConfig
 from headswap.evaluate import core_metrics
-from headswap.promotion import (
+from headswap.promotion.audit import champion_stack, out_of_band_moves
+from headswap.promotion.statistics import (
     Scores,
-    champion_stack,
     compare,
     gate_checks,
     mcnemar,
-    out_of_band_moves,
     paired_bootstrap,
     rank_auc,
 )
@@ -147,14 +146,12 @@ def entry(outcome: str, old: str | None, new: str, time: str = "") -> dict:
     return {"outcome": outcome, "old_version": old, "new_version": new, "time": time}
 
 
+# v1 first, v2 promoted over it, v3 refused: the start of the histories below
+AUDITED = [entry("initial", None, "1"), entry("promoted", "1", "2"), entry("refused", "2", "3")]
+
+
 def test_champion_stack_replays_promotions_and_rollbacks():
-    history = [
-        entry("initial", None, "1"),
-        entry("promoted", "1", "2"),
-        entry("refused", "2", "3"),
-        entry("promoted", "2", "4"),
-        entry("rolled_back", "4", "2"),
-    ]
+    history = [*AUDITED, entry("promoted", "2", "4"), entry("rolled_back", "4", "2")]
     assert champion_stack(history, "2") == ["1", "2"]
     assert champion_stack(history + [entry("rolled_back", "2", "1")], "1") == ["1"]
 
@@ -187,12 +184,7 @@ def test_out_of_band_moves_are_found_between_audit_entries_and_since_the_last():
 
 
 def test_an_audit_chain_that_explains_the_champion_has_no_out_of_band_moves():
-    history = [
-        entry("initial", None, "1"),
-        entry("promoted", "1", "2"),
-        entry("refused", "2", "3"),
-        entry("rolled_back", "2", "1"),
-    ]
+    history = [*AUDITED, entry("rolled_back", "2", "1")]
     assert out_of_band_moves(history, "1") == []
     removed = out_of_band_moves(history, None)  # the alias deleted by hand
     assert [(m.old, m.new, m.position) for m in removed] == [("1", None, 4)]

@@ -9,15 +9,9 @@ import pytest
 import yaml
 
 from headswap.config import SplitConfig
+from headswap.lineage import content_column, manifest_changes, split_tags
 from headswap.modelcard import _changes_section
-from headswap.registry import (
-    Registration,
-    StageFiles,
-    content_column,
-    data_md5,
-    manifest_changes,
-    split_tags,
-)
+from headswap.register import Registration, StageFiles, data_md5
 
 
 def row(path: str, content: str, label: str | None = None, pixels: str | None = None) -> dict:
@@ -101,7 +95,7 @@ def test_data_md5_comes_from_the_ingest_stage_in_dvc_lock_then_raw_dvc(tmp_path)
 
 
 def test_split_tags_name_the_rule_and_its_settings():
-    from headswap.data import SPLIT_RULE
+    from headswap.manifest import SPLIT_RULE
 
     assert split_tags(SplitConfig(seed=3, test_size=0.2, val_size=0)) == {
         "split_rule": SPLIT_RULE,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from headswap.errors import RegistryError
-from headswap.registry import gate_tags
+from headswap.register import gate_tags
 
 
 def test_passed_parity_becomes_version_tags(tmp_path):
@@ -28,3 +28,18 @@ def test_failed_or_missing_parity_is_refused(tmp_path, report):
         parity.write_text(json.dumps(report))
     with pytest.raises(RegistryError, match="parity check did not pass"):
         gate_tags(parity, {"skipped": []})
+
+
+def test_after_logging_mlflow_follows_the_tracking_uri_variable_again(monkeypatch):
+    """The fluent API's process-wide URI outranks MLFLOW_TRACKING_URI while it is set; left set,
+    a later command in the same process would talk to the previous store."""
+    import mlflow
+
+    from headswap.tracking import fluent_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///first.db")
+    with fluent_tracking_uri("sqlite:///logging.db"):
+        assert mlflow.get_tracking_uri() == "sqlite:///logging.db"
+    assert mlflow.get_tracking_uri() == "sqlite:///first.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///later.db")
+    assert mlflow.get_tracking_uri() == "sqlite:///later.db"

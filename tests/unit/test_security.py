@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from headswap.backbones import load_body
+from headswap.backbones.loader import load_body
 from headswap.config import BackboneConfig
+from tests.helpers.workspace import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
 UNSAFE = {
     "np.load with allow_pickle=True": re.compile(r"allow_pickle\s*=\s*True"),
     "pickle/joblib/dill load": re.compile(r"\b(pickle|cPickle|joblib|dill|cloudpickle)\.loads?\("),
@@ -23,11 +23,11 @@ UNSAFE = {
 
 def test_no_unsafe_deserialisation_in_the_code():
     offenders = []
-    for path in [*ROOT.glob("src/headswap/**/*.py"), *ROOT.glob("flows/**/*.py")]:
+    for path in [*REPO.glob("src/headswap/**/*.py"), *REPO.glob("flows/**/*.py")]:
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             for what, pattern in UNSAFE.items():
                 if pattern.search(line):
-                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {what}")
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {what}")
     assert offenders == []
 
 
@@ -46,5 +46,14 @@ def test_booby_trapped_weights_file_is_refused_without_running_code(tmp_path):
     weights = tmp_path / "weights.pth"
     torch.save({"conv_stem.weight": _Payload(marker)}, weights)
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported|global"):
-        load_body(BackboneConfig(weights=str(weights)))
+        load_body(
+            BackboneConfig(
+                weights=str(weights),
+                name="efficientnet_lite0",
+                image_size=None,
+                taps=["head"],
+                pool="mean",
+                ensemble=[],
+            )
+        )
     assert not marker.exists()

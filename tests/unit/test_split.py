@@ -12,17 +12,11 @@ import pytest
 from PIL import Image
 
 from headswap.config import DataConfig, HeadConfig, SplitConfig
-from headswap.data import (
-    MANIFEST_COLUMNS,
-    assign_splits,
-    class_order,
-    prepare,
-    read_manifest,
-    split_of,
-    split_warnings,
-)
 from headswap.errors import DataError
-from tests.synthetic import CLASSES, make_features
+from headswap.manifest import MANIFEST_COLUMNS, read_manifest
+from headswap.prepare import assign_splits, class_order, prepare, split_of, split_warnings
+from tests.helpers.synthetic import CLASSES, make_features
+from tests.helpers.workspace import noise_folder, noise_image
 
 
 def rows(n_per_class: dict[str, int], start: int = 0) -> list[dict]:
@@ -41,18 +35,9 @@ def splits(items: list[dict]) -> dict[str, str]:
     return {row["path"]: row["split"] for row in items}
 
 
-def noise(seed: int, size: int = 8) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def image_folder(root: Path, n_per_class: dict[str, int], seed_base: int = 0) -> Path:
-    """``root/<class>/<i>.png``: distinct noise images, seeded by class offset and index."""
-    for offset, (label, n) in enumerate(n_per_class.items()):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for index in range(n):
-            noise(seed_base + offset * 1000 + index).save(root / label / f"{index}.png")
-    return root
+def image_folder(root: Path, n_per_class: dict[str, int]) -> Path:
+    """``root/<class>/<i>.png``: distinct noise images (1000 seeds apart per class)."""
+    return noise_folder(root, n_per_class, class_stride=1000)
 
 
 def prepared(raw: Path, out: Path, **data) -> tuple[dict[str, dict], dict]:
@@ -137,8 +122,8 @@ def test_manifest_has_both_hashes_in_column_order(tmp_path):
 
 def test_a_re_encoded_copy_is_one_image_and_the_first_path_is_kept(tmp_path):
     raw = image_folder(tmp_path / "raw", {"a": 6, "b": 6})
-    noise(0).save(raw / "a" / "0.bmp")  # sorts before a/0.png, so it is the one kept
-    noise(0).save(raw / "a" / "zz.png", compress_level=0)  # other bytes, same pixels
+    noise_image(0).save(raw / "a" / "0.bmp")  # sorts before a/0.png, so it is the one kept
+    noise_image(0).save(raw / "a" / "zz.png", compress_level=0)  # other bytes, same pixels
     manifest, report = prepared(raw, tmp_path / "out")
     assert "a/0.bmp" in manifest and {"a/0.png", "a/zz.png"}.isdisjoint(manifest)
     assert report["duplicates"] == [
@@ -150,7 +135,7 @@ def test_a_re_encoded_copy_is_one_image_and_the_first_path_is_kept(tmp_path):
 
 def test_the_same_pixels_under_two_labels_is_an_error_naming_the_files(tmp_path):
     raw = image_folder(tmp_path / "raw", {"a": 6, "b": 6})
-    noise(0).save(raw / "b" / "from a.bmp")
+    noise_image(0).save(raw / "b" / "from a.bmp")
     with pytest.raises(DataError, match="same decoded pixels") as error:
         prepared(raw, tmp_path / "out")
     assert "a/0.png" in str(error.value) and "b/from a.bmp" in str(error.value)
@@ -202,11 +187,11 @@ def test_prepare_reports_split_warnings(tmp_path):
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("head_type", ["logistic", "mlp"])
 def test_an_empty_val_split_trains_with_temperature_1_and_threshold_0_5(head_type):
-    from headswap.heads import train_head
+    from headswap.train import train_head
 
     features = make_features()
     features.split[features.split == "val"] = "train"
-    config = HeadConfig(type=head_type, hidden=8, max_iter=5, device="cpu")
+    config = HeadConfig(type=head_type, hidden=8, max_iter=5, device="cpu", C=1.0)
     _, meta = train_head(features, CLASSES, config, "auto")
     assert meta.temperature == 1.0
     assert meta.threshold == 0.5
@@ -224,8 +209,8 @@ def test_positive_class_goes_last_for_binary_tasks():
 def test_16_bit_images_keep_their_pixels_hash_and_split_under_banded_decoding(tmp_path):
     """The 16-bit path scales a band of rows at a time (bounded memory); each 8-bit value, hence
     the pixel hash and the split, must equal the whole-image float64 formula it replaced."""
-    from headswap.data import pixels_sha256
     from headswap.imaging import DECODE_BAND_PIXELS, open_rgb
+    from headswap.prepare import pixels_sha256
 
     side = 3000  # several bands of DECODE_BAND_PIXELS, the last one short
     assert side * side > 2 * DECODE_BAND_PIXELS

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-SRC = ROOT / "src"
+from tests.helpers.workspace import REPO
+
+SRC = REPO / "src"
 PACKAGE = "headswap"
 
 
@@ -155,11 +156,11 @@ def stage_modules(stage: str) -> set[str]:
 
 def stage_code(stage: str) -> set[str]:
     """The files of ``stage_modules(stage)``, relative to the repository root."""
-    return {module_path(name).relative_to(ROOT).as_posix() for name in stage_modules(stage)}
+    return {module_path(name).relative_to(REPO).as_posix() for name in stage_modules(stage)}
 
 
 def _stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
 def _covered(path: str, deps: list[str]) -> bool:
@@ -210,8 +211,8 @@ def test_the_import_scan_sees_every_form():
         "if TYPE_CHECKING:\n"
         "    from headswap.heads import Head\n"
         "def later():\n"
-        "    from headswap.data import read_manifest\n"
+        "    from headswap.manifest import read_manifest\n"
     )
     found = imported_modules(ast.parse(source), f"{PACKAGE}.features")
-    names = {"io", "errors", "imaging", "config", "data"}
+    names = {"io", "errors", "imaging", "config", "manifest"}
     assert found == {PACKAGE, *(f"{PACKAGE}.{name}" for name in names)}

@@ -2,8 +2,8 @@
 
 The tiny models are genuine ONNX graphs with headswap's interface (float32 NCHW pixels in,
 ``probabilities`` + ``label`` out, ``headswap.*`` metadata): p(bright) = sigmoid(slope *
-(mean brightness - cut)). They go through the real register code (``registry.log_onnx_model``
-+ ``registry.finish_registration``), so promotion, rollback and prediction are exercised on real
+(mean brightness - cut)). They go through the real register code (``register.log_onnx_model``
++ ``register.finish_registration``), so promotion, rollback and prediction are exercised on real
 MLflow stores in seconds; the slow tests do the same with models built by the real pipeline.
 """
 
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers.synthetic import brightness_onnx
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_SIZE = 16
@@ -89,47 +91,12 @@ def _wait_healthy(uri: str, server: subprocess.Popen, log: Path, timeout_s: floa
 
 def tiny_model(path: Path, slope: float, cut: float) -> Path:
     """A real ONNX classifier on mean brightness, with the metadata headswap models carry."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    weights = helper.make_tensor("W", TensorProto.FLOAT, [1, 2], [0.0, slope])
-    bias = helper.make_tensor("B", TensorProto.FLOAT, [2], [0.0, -slope * cut])
-    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1])
-    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0])
-    nodes = [
-        helper.make_node("ReduceMean", ["pixels"], ["mean4"], axes=[1, 2, 3], keepdims=1),
-        helper.make_node("Reshape", ["mean4", "shape"], ["mean"]),
-        helper.make_node("Div", ["mean", "scale"], ["x"]),
-        helper.make_node("MatMul", ["x", "W"], ["z"]),
-        helper.make_node("Add", ["z", "B"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [
-            helper.make_tensor_value_info(
-                "pixels", TensorProto.FLOAT, ["batch", 3, TINY_SIZE, TINY_SIZE]
-            )
-        ],
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2]),
-            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
-        ],
-        [weights, bias, shape, scale],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    for key, value in {
+    metadata = {
         "headswap.classes": json.dumps(TINY_CLASSES),
         "headswap.image_size": str(TINY_SIZE),
         "headswap.interpolation": "bilinear",
-    }.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    }
+    return brightness_onnx(path, metadata, slope, cut)
 
 
 def write_images(raw: Path, per_class: int = 20, seed: int = 0) -> list[dict]:
@@ -201,17 +168,10 @@ class TinyRegistry:
         """
         import mlflow
 
-        from headswap.promotion import client
-        from headswap.registry import (
-            MANIFEST_ARTIFACT,
-            _ensure_experiment,
-            file_sha256,
-            finish_registration,
-            log_onnx_model,
-            split_tags,
-            test_fingerprint,
-            tracking_uri,
-        )
+        from headswap.io import file_sha256
+        from headswap.lineage import split_tags, test_fingerprint
+        from headswap.register import finish_registration, log_onnx_model
+        from headswap.tracking import MANIFEST_ARTIFACT, client, ensure_experiment, tracking_uri
 
         mlflow_client = client()
         path = tiny_model(self.root / f"model-{uuid.uuid4().hex[:8]}.onnx", slope, cut)
@@ -224,7 +184,7 @@ class TinyRegistry:
             "classes": json.dumps(TINY_CLASSES),
             **(tags or {}),
         }
-        experiment = _ensure_experiment(mlflow_client, "headswap-tests", self.root)
+        experiment = ensure_experiment(mlflow_client, "headswap-tests", self.root)
         mlflow.set_tracking_uri(tracking_uri())
 
         def log_manifest() -> None:
@@ -239,7 +199,7 @@ class TinyRegistry:
 
     def promote(self, files=None, **options):
         """``promote_version`` on this workspace (or on ``files``) with its split settings."""
-        from headswap.promotion import promote_version
+        from headswap.promotion.promote import promote_version
 
         return promote_version(self.registry, files or self.files, split=self.split, **options)
 
@@ -266,7 +226,7 @@ def tiny_workspace(tmp_path_factory):
 def tiny_registry(tiny_workspace, request) -> TinyRegistry:
     """A fresh model name per test in the module's store (fast; no cross-test interference)."""
     from headswap.config import RegistryConfig, SplitConfig
-    from headswap.promotion import PromotionFiles
+    from headswap.promotion.scoring import PromotionFiles
 
     root, rows = tiny_workspace
     name = (

@@ -35,7 +35,7 @@ def manifests(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 @pytest.fixture
 def grown(tiny_registry, tmp_path):
     """Today's manifest (written to a temp file the promotion reads) and the champion's."""
-    from headswap.promotion import PromotionFiles
+    from headswap.promotion.scoring import PromotionFiles
 
     before, after = manifests(tiny_registry.rows)
     write_manifest(tmp_path / "manifest.csv", after)
@@ -44,14 +44,13 @@ def grown(tiny_registry, tmp_path):
 
 
 def champion(reg) -> str | None:
-    from headswap.promotion import client
-    from headswap.registry import alias_version
+    from headswap.tracking import alias_version, client
 
     return alias_version(client(), reg.registry.model_name, "champion")
 
 
 def audit(reg) -> list[dict]:
-    from headswap.promotion import history
+    from headswap.promotion.audit import history
 
     return history(reg.registry)
 
@@ -118,7 +117,7 @@ def test_a_split_conflict_refuses_with_one_line_naming_it_and_the_flag(
 
 
 def test_allow_split_conflict_needs_a_reason_then_compares_and_is_recorded(tiny_registry, grown):
-    from headswap.promotion import PromotionError
+    from headswap.errors import PromotionError
 
     before, after, files = grown
     tiny_registry.register(*GOOD, manifest=before, tags={"split_seed": "1"})
@@ -146,7 +145,7 @@ def test_force_needs_a_reason_and_promotes_a_failing_challenger_with_the_overrid
     tiny_registry, tmp_path
 ):
     from headswap.cli import app
-    from headswap.promotion import PromotionError
+    from headswap.errors import PromotionError
 
     good = tiny_registry.register(*GOOD)
     worse = tiny_registry.register(*WORSE)

@@ -19,7 +19,7 @@ from registry_gate.conftest import GOOD, INVERTED, REPO, tiny_model
 
 def by_hand(reg, version: str | None) -> None:
     """Move (or, with None, remove) @champion the way the MLflow UI does, bypassing headswap."""
-    from headswap.promotion import client
+    from headswap.tracking import client
 
     name = reg.registry.model_name
     if version is None:
@@ -29,8 +29,7 @@ def by_hand(reg, version: str | None) -> None:
 
 
 def champion(reg) -> str | None:
-    from headswap.promotion import client
-    from headswap.registry import alias_version
+    from headswap.tracking import alias_version, client
 
     return alias_version(client(), reg.registry.model_name, "champion")
 
@@ -56,7 +55,8 @@ def headswap(reg, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_history_shows_a_champion_moved_by_hand_as_out_of_band(tiny_registry):
-    from headswap.promotion import audit_view, client
+    from headswap.promotion.audit import audit_view
+    from headswap.tracking import client
 
     first = tiny_registry.register(*GOOD)
     moved = tiny_registry.register(*INVERTED)
@@ -87,7 +87,8 @@ def _iso(millis: int) -> str:
 
 
 def test_promote_gates_against_the_hand_moved_champion_and_rollback_returns_to_it(tiny_registry):
-    from headswap.promotion import audit_view, rollback
+    from headswap.promotion.audit import audit_view
+    from headswap.promotion.promote import rollback
 
     tiny_registry.register(*GOOD)
     moved = tiny_registry.register(*INVERTED)
@@ -109,7 +110,7 @@ def test_promote_gates_against_the_hand_moved_champion_and_rollback_returns_to_i
 
 
 def test_with_no_champion_promote_says_so_and_records_the_first_champion(tiny_registry):
-    from headswap.promotion import audit_view
+    from headswap.promotion.audit import audit_view
 
     first = tiny_registry.register(*GOOD)
     second = tiny_registry.register(*GOOD)
@@ -134,7 +135,7 @@ def test_with_no_champion_promote_says_so_and_records_the_first_champion(tiny_re
 
 def _stored_file(reg, version: str) -> Path:
     """The artifact store's copy of a version's ONNX file (its logged model's folder)."""
-    from headswap.promotion import client
+    from headswap.tracking import client
 
     source = client().get_model_version(reg.registry.model_name, version).source
     model_id = source.removeprefix("models:/")  # the logged model behind the version
@@ -144,7 +145,7 @@ def _stored_file(reg, version: str) -> Path:
 
 def test_promote_refuses_a_stored_model_that_is_not_the_registered_one(tiny_registry):
     from headswap.errors import RegistryError
-    from headswap.promotion import audit_view
+    from headswap.promotion.audit import audit_view
 
     first = tiny_registry.register(*GOOD)
     second = tiny_registry.register(*GOOD)

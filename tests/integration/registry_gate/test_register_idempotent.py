@@ -94,7 +94,7 @@ def workspace(tmp_path, monkeypatch) -> Path:
 
 def register():
     from headswap.config import load_params
-    from headswap.registry import StageFiles, register_model
+    from headswap.register import StageFiles, register_model
 
     return register_model(load_params("params.yaml"), StageFiles(), Path("models/registry.json"))
 
@@ -102,7 +102,7 @@ def register():
 def versions(uri: str | None = None) -> list:
     from mlflow import MlflowClient
 
-    from headswap.registry import tracking_uri
+    from headswap.tracking import tracking_uri
 
     return MlflowClient(uri or tracking_uri()).search_model_versions(f"name='{MODEL}'")
 
@@ -110,14 +110,14 @@ def versions(uri: str | None = None) -> list:
 def client():
     from mlflow import MlflowClient
 
-    from headswap.registry import tracking_uri
+    from headswap.tracking import tracking_uri
 
     return MlflowClient(tracking_uri())
 
 
 def test_register_twice_with_nothing_changed_registers_one_version(workspace):
     from headswap.cli import app
-    from headswap.registry import tracking_uri
+    from headswap.tracking import tracking_uri
 
     first = register()
     recorded = (workspace / "models/registry.json").read_bytes()
@@ -173,8 +173,8 @@ def test_a_new_store_or_a_new_model_registers_again(workspace, tmp_path, monkeyp
 
 
 def test_every_version_carries_its_lineage_and_its_manifest(workspace):
-    from headswap.data import SPLIT_RULE
-    from headswap.registry import run_artifact_text
+    from headswap.manifest import SPLIT_RULE
+    from headswap.tracking import run_artifact_text
 
     registration = register()
     tags = client().get_model_version(MODEL, registration.version).tags
@@ -219,8 +219,8 @@ def test_a_different_label_set_is_refused_before_anything_is_logged(workspace):
 
 
 def test_changes_since_the_champion_are_counted_per_class(workspace):
-    from headswap.data import read_manifest
-    from headswap.registry import run_artifact_text
+    from headswap.manifest import read_manifest
+    from headswap.tracking import run_artifact_text
 
     register()  # v1: the champion
     rows = {row["path"]: row for row in read_manifest(workspace / "data/prepared/manifest.csv")}

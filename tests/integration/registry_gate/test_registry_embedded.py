@@ -15,20 +15,19 @@ from registry_gate.conftest import GOOD, INVERTED, WORSE
 
 
 def champion(reg) -> str | None:
-    from headswap.promotion import client
-    from headswap.registry import alias_version
+    from headswap.tracking import alias_version, client
 
     return alias_version(client(), reg.registry.model_name, "champion")
 
 
 def audit(reg) -> list[dict]:
-    from headswap.promotion import history
+    from headswap.promotion.audit import history
 
     return history(reg.registry)
 
 
 def test_embedded_default_store_is_the_workspace_sqlite(tiny_registry):
-    from headswap.registry import tracking_uri
+    from headswap.tracking import tracking_uri
 
     tiny_registry.register(*GOOD)
     assert tracking_uri() == f"sqlite:///{tiny_registry.root.resolve() / 'mlflow.db'}"
@@ -66,7 +65,7 @@ def test_worse_challenger_is_refused_and_the_refusal_is_audited(tiny_registry):
 
 
 def test_better_challenger_is_promoted_and_rollback_restores_the_old_champion(tiny_registry):
-    from headswap.promotion import rollback
+    from headswap.promotion.promote import rollback
 
     worse = tiny_registry.register(*INVERTED)
     better = tiny_registry.register(*GOOD)
@@ -88,7 +87,8 @@ def test_better_challenger_is_promoted_and_rollback_restores_the_old_champion(ti
 
 
 def test_rollback_without_a_previous_champion_is_an_error(tiny_registry):
-    from headswap.promotion import PromotionError, rollback
+    from headswap.errors import PromotionError
+    from headswap.promotion.promote import rollback
 
     tiny_registry.register(*GOOD)
     with pytest.raises(PromotionError, match="no previous champion"):
@@ -124,7 +124,9 @@ def test_two_concurrent_promotions_leave_one_consistent_champion(tiny_registry):
 
 
 def test_a_held_lock_makes_a_second_promotion_wait_then_refuse(tiny_registry):
-    from headswap.promotion import PromotionLockedError, client, promote_version, promotion_lock
+    from headswap.promotion.lock import PromotionLockedError, promotion_lock
+    from headswap.promotion.promote import promote_version
+    from headswap.tracking import client
 
     tiny_registry.register(*GOOD)
     tiny_registry.register(*GOOD)
@@ -138,7 +140,9 @@ def test_a_held_lock_makes_a_second_promotion_wait_then_refuse(tiny_registry):
 
 
 def test_a_stale_lock_from_a_dead_process_is_broken(tiny_registry):
-    from headswap.promotion import LOCK_SUFFIX, client, promote_version
+    from headswap.promotion.lock import LOCK_SUFFIX
+    from headswap.promotion.promote import promote_version
+    from headswap.tracking import client
 
     tiny_registry.register(*GOOD)
     tiny_registry.register(*GOOD)
@@ -181,13 +185,12 @@ def test_the_champion_loads_and_predicts_with_a_row_per_image(tiny_registry, tmp
 def test_prefect_promote_and_predict_flows(tiny_registry, tmp_path):
     """The thin flows publish their artifacts and return what the CLI would have printed."""
     import json
-    import os
     import subprocess
     import sys
 
     import yaml
 
-    from registry_gate.conftest import REPO
+    from tests.helpers.workspace import tool_env
 
     tiny_registry.register(*GOOD)
     tiny_registry.register(*INVERTED)
@@ -202,14 +205,7 @@ def test_prefect_promote_and_predict_flows(tiny_registry, tmp_path):
         "result = predict('data/raw', 'flow.csv')\n"
         "print('RESULT', json.dumps({'entry': entry, 'predict': result}))\n"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = tool_env(PREFECT_HOME=str(tmp_path / "prefect"))
     done = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tiny_registry.root,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.workspace import REPO, create_workspace, set_params
+from tests.helpers.workspace import REPO, create_workspace, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +26,9 @@ SHUFFLED_HEAD = """
 import dataclasses, numpy as np
 from pathlib import Path
 from headswap.config import load_params
-from headswap.data import read_classes
-from headswap.features import load_features
-from headswap.heads import save_head, train_head
+from headswap.manifest import read_classes
+from headswap.feature_set import load_features
+from headswap.train import save_head, train_head
 params = load_params()
 features = load_features(Path("data/features/features.npz"))
 labels, train = features.label.copy(), features.split == "train"

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from headswap.ui import Service, free_port, start, stop, wait_for_deployments, wait_until_healthy
+from tests.helpers.workspace import VENV_BIN, create_workspace, run
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 900.0
 
 
@@ -41,9 +40,7 @@ class ServedWorkspace:
 
 
 def make_workspace(dest: Path, feature_cache: Path) -> Path:
-    """A git + DVC copy of this project on 20 ELPV images per class (tests/workspace.py)."""
-    from tests.workspace import create_workspace, run
-
+    """A git + DVC copy of this project on 20 ELPV images per class."""
     dest.mkdir(parents=True)
     root = create_workspace(dest, feature_cache, max_per_class=20)
     # The served processes log to .headswap/ui/ inside the workspace, as `make ui` does.
