@@ -11,13 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from headswap.ui import free_port
+from tests.helpers.servers import start_mlflow, stop
 from tests.helpers.synthetic import brightness_onnx
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_SIZE = 16
 TINY_CLASSES = ["dark", "bright"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -46,47 +35,13 @@ def mlflow_server(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-    ]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed after the server stops
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow(
+        f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", port, root / "server.log"
+    )
     try:
-        _wait_healthy(uri, server, root / "server.log")
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-
-
-def _wait_healthy(uri: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited ({server.returncode}):\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server not healthy after {timeout_s}s:\n{log.read_text()}")
+        stop(server)
 
 
 def tiny_model(path: Path, slope: float, cut: float) -> Path:
