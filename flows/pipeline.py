@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -34,8 +35,8 @@ STAGE_TITLES = {
 
 
 @task(name="dvc stage", task_run_name="{stage}")
-def run_stage(stage: str, env: dict[str, str]) -> bool:
-    return workspace.repro_stage(stage, env)
+def run_stage(stage: str, env: dict[str, str]) -> dict:
+    return asdict(workspace.repro_stage(stage, env))
 
 
 @task(
@@ -70,6 +71,7 @@ def link_mlflow_run(result: dict, links: dict[str, str]) -> None:
     # This process makes its own MLflow client here: the same one retry policy applies to it.
     apply_http_retry_policy(result["tracking_uri"])
     summaries.tag_mlflow_run(result, links)
+    summaries.log_timings(result)
 
 
 @task(
@@ -94,6 +96,7 @@ def train(parameters: TrainParameters | None = None) -> dict:
     run_id = flow_run.get_id() or ""
     experiment = f"train-{run_id[:8] or time.strftime('%Y%m%d-%H%M%S')}"
     driver = f"Prefect flow run {run_id}" if run_id else "the train flow"
+    started, cpu, started_at = time.perf_counter(), _cpu_seconds(), time.time()
     with runlock.workspace_lock(driver) as token:
         _, changes = workspace.apply_overrides(overrides)
         for change in changes:
@@ -104,11 +107,13 @@ def train(parameters: TrainParameters | None = None) -> dict:
             runlock.TOKEN_ENV: token,
         }
         previous_run = summaries.registered_run_id()
+        stage_runs = []
         for stage in workspace.pipeline_stages():
             # No task retries: compute stages fail fast, and register's MLflow calls retry
             # inside MLflow's HTTP client (tracking.HTTP_RETRY_POLICY); a task retry on top
             # multiplied the wait for a tracking server that is down to over 7 minutes.
-            run_stage.with_options(task_run_name=STAGE_TITLES.get(stage, stage))(stage, env)
+            task_run = run_stage.with_options(task_run_name=STAGE_TITLES.get(stage, stage))
+            stage_runs.append(task_run(stage, env))
             if stage == "ingest":
                 push_data(env)
         result = summaries.run_summary()
@@ -122,11 +127,22 @@ def train(parameters: TrainParameters | None = None) -> dict:
         # `register` leaves an unchanged model's registration alone; its MLflow run keeps the
         # links of the run that registered it.
         result["registered_now"] = result["run_id"] != previous_run
+        result["aliases"] = read_aliases(result)
+        # Up to here: the MLflow run gets the same figures as the summary.
+        result["timings"] = summaries.stage_timings(
+            stage_runs, time.perf_counter() - started, _cpu_seconds() - cpu
+        )
+        # For `python -m flows.pipeline` to tell what came before the flow (main's _startup).
+        result["timings"].update(flow_started_at=started_at, startup_cpu_seconds=cpu)
         if result["registered_now"]:
             link_mlflow_run(result, summaries.lineage_links(result))
-        result["aliases"] = read_aliases(result)
     _publish(result)
     return result
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the stages' DVC processes)."""
+    return sum(os.times()[:4])
 
 
 def _publish(result: dict) -> None:
@@ -152,8 +168,20 @@ def main() -> int:
     except HeadswapError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    outcome["timings"].update(_startup(outcome["timings"]))
     print(summaries.format_summary(outcome))
     return 0
+
+
+def _startup(timings: dict) -> dict[str, float]:
+    """What came before the flow's first line: the interpreter, imports, Prefect's server.
+
+    Its CPU (recorded by the flow as it started) is this process's own: the ephemeral server is
+    a child process that has not exited yet.
+    """
+    import psutil  # a dependency of DVC
+
+    return {"startup_seconds": timings["flow_started_at"] - psutil.Process().create_time()}
 
 
 if __name__ == "__main__":

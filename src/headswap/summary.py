@@ -70,6 +70,7 @@ def format_summary(summary: dict) -> str:
             f"  registered      {summary['model_name']} version {summary['version']}"
             f"  aliases: {', '.join(summary['aliases'])}",
             f"  MLflow run      {summary['run_id']}  ({summary['tracking_uri']})",
+            *(_timing_lines(summary["timings"]) if summary.get("timings") else []),
             "",
             "next:",
             "  make ui               # Prefect UI :4200 + MLflow UI :5000 (run, plots, model)",
@@ -79,6 +80,85 @@ def format_summary(summary: dict) -> str:
             "  .venv/bin/headswap promote   # gate the challenger against the champion",
         ]
     )
+
+
+def stage_timings(stage_runs: list[dict], flow_seconds: float, flow_cpu_seconds: float) -> dict:
+    """Seconds per stage and the flow's own overhead: its wall time minus the stages'.
+
+    Args:
+        stage_runs: one ``workspace.StageRun`` (as a dict) per stage, in the order they ran.
+        flow_seconds: wall time of the flow so far, stages included.
+        flow_cpu_seconds: CPU time of the flow's process and its finished children so far.
+    """
+    stages_seconds = sum(run["seconds"] for run in stage_runs)
+    stages_cpu = sum(run["cpu_seconds"] for run in stage_runs)
+    return {
+        "stages": stage_runs,
+        "stages_seconds": stages_seconds,
+        "stages_cpu_seconds": stages_cpu,
+        "flow_seconds": flow_seconds,
+        "flow_cpu_seconds": flow_cpu_seconds,
+        "overhead_seconds": flow_seconds - stages_seconds,
+        "overhead_cpu_seconds": flow_cpu_seconds - stages_cpu,
+    }
+
+
+def timing_rows(timings: dict) -> list[tuple[str, float, float, str]]:
+    """(what, wall seconds, CPU seconds, note) per stage, then the flow's overhead and total.
+
+    ``startup_seconds`` (set by ``python -m flows.pipeline``: interpreter start, imports and the
+    ephemeral Prefect server, before the flow's first line) is shown when the timings carry it.
+    """
+    rows = [
+        (
+            run["stage"],
+            run["seconds"],
+            run["cpu_seconds"],
+            "" if run["status"] == "ran" else run["status"],
+        )
+        for run in timings["stages"]
+    ]
+    rows.append(
+        (
+            "flow overhead",
+            timings["overhead_seconds"],
+            timings["overhead_cpu_seconds"],
+            "Prefect tasks, dvc push, dvc exp save, MLflow links",
+        )
+    )
+    total, total_cpu = timings["flow_seconds"], timings["flow_cpu_seconds"]
+    if "startup_seconds" in timings:
+        rows.append(
+            (
+                "startup",
+                timings["startup_seconds"],
+                timings["startup_cpu_seconds"],
+                "imports, Prefect server",
+            )
+        )
+        total, total_cpu = (
+            total + timings["startup_seconds"],
+            total_cpu + timings["startup_cpu_seconds"],
+        )
+    rows.append(("total", total, total_cpu, ""))
+    return rows
+
+
+def _timing_lines(timings: dict) -> list[str]:
+    lines = ["", "seconds (wall / CPU)"]
+    for what, seconds, cpu, note in timing_rows(timings):
+        lines.append(f"  {what:<15} {seconds:7.1f} / {cpu:7.1f}" + (f"  {note}" if note else ""))
+    return lines
+
+
+def timing_metrics(timings: dict) -> dict[str, float]:
+    """The timings as MLflow metrics: ``seconds.<stage>`` and ``cpu_seconds.<stage>`` (for a
+    skipped stage, what DVC's check cost), ``seconds.flow_overhead`` and ``seconds.flow``."""
+    metrics = {f"seconds.{run['stage']}": run["seconds"] for run in timings["stages"]}
+    metrics |= {f"cpu_seconds.{run['stage']}": run["cpu_seconds"] for run in timings["stages"]}
+    metrics["seconds.flow_overhead"] = timings["overhead_seconds"]
+    metrics["seconds.flow"] = timings["flow_seconds"]
+    return {key: round(value, 3) for key, value in metrics.items()}
 
 
 def _data_facts(summary: dict) -> list[tuple[str, str]]:
@@ -170,6 +250,28 @@ def tag_mlflow_run(summary: dict, tags: dict[str, str]) -> None:
         client.set_model_version_tag(summary["model_name"], summary["version"], key, value)
 
 
+def log_timings(summary: dict) -> None:
+    """Log the run's timings to the MLflow run that ``summary`` describes: metrics to compare
+    runs by, and ``pipeline_timings.json`` with each stage's status.
+
+    The register stage made that run from inside the pipeline, before the timings were complete,
+    so they are added to it afterwards.
+    """
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    timings = summary.get("timings")
+    if not timings:
+        return
+    client = MlflowClient(summary["tracking_uri"])
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, 0) for key, value in timing_metrics(timings).items()]
+    client.log_batch(summary["run_id"], metrics=metrics)
+    client.log_dict(summary["run_id"], timings, "pipeline_timings.json")
+
+
 def format_markdown(summary: dict) -> str:
     """The Prefect run artifact: metrics table, registered version and aliases, links."""
     rows = "\n".join(
@@ -200,8 +302,17 @@ def format_markdown(summary: dict) -> str:
             + (f" (rev `{rev[:12]}`)" if rev else "")
             + f": `dvc exp show`, `dvc exp apply {experiment}`",
             f"- Model URI: `models:/{summary['model_name']}/{summary['version']}`",
+            *(_timing_markdown(summary["timings"]) if summary.get("timings") else []),
         ]
     )
+
+
+def _timing_markdown(timings: dict) -> list[str]:
+    rows = [
+        f"| {what} | {seconds:.1f} | {cpu:.1f} | {note} |"
+        for what, seconds, cpu, note in timing_rows(timings)
+    ]
+    return ["", "| seconds | wall | CPU | note |", "|---|---|---|---|", *rows]
 
 
 def _number(value: float | None) -> str:

@@ -241,11 +241,50 @@ def pipeline_stages(dvc_yaml: Path = DVC_YAML) -> list[str]:
     return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
 
 
-def repro_stage(stage: str, env: Mapping[str, str] | None = None) -> bool:
-    """``dvc repro --single-item <stage>``. True if DVC ran it; False if up to date or restored
-    from the run cache."""
+@dataclass(frozen=True)
+class StageRun:
+    """What ``dvc repro --single-item <stage>`` did, and what it cost.
+
+    Attributes:
+        stage: the dvc.yaml stage.
+        status: ``ran``, ``up to date`` (DVC skipped it) or ``restored`` (from DVC's run cache).
+        seconds: wall time of the DVC process, the stage's command included.
+        cpu_seconds: user + system CPU time of the DVC process and everything it started.
+    """
+
+    stage: str
+    status: str
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def ran(self) -> bool:
+        return self.status == "ran"
+
+
+def repro_stage(stage: str, env: Mapping[str, str] | None = None) -> StageRun:
+    """``dvc repro --single-item <stage>``, timed."""
+    started, cpu = time.perf_counter(), children_cpu_seconds()
     result = run_command(["dvc", "repro", "--single-item", stage], env=env, echo=True)
-    return f"Running stage '{stage}'" in result.output
+    seconds = time.perf_counter() - started
+    return StageRun(
+        stage, stage_status(stage, result.output), seconds, children_cpu_seconds() - cpu
+    )
+
+
+def stage_status(stage: str, output: str) -> str:
+    """``ran``, ``restored`` or ``up to date``, from what ``dvc repro`` printed about ``stage``."""
+    if f"Running stage '{stage}'" in output:
+        return "ran"
+    return "restored" if f"Stage '{stage}' is cached" in output else "up to date"
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's finished child processes (and theirs), so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def save_experiment(name: str, message: str | None = None) -> None:

@@ -32,3 +32,9 @@ def test_flow_runs_pipeline_records_experiment_and_registers(make_workspace):
     assert mlflow_run.data.tags["headswap.prefect_flow_run_id"]
     configured_C = yaml.safe_load((workspace / "params.yaml").read_text())["head"]["C"]
     assert mlflow_run.data.params["head.C"] == str(configured_C)
+
+    # Seconds per stage and the flow's overhead: in the closing text and on the MLflow run.
+    assert "seconds (wall / CPU)" in result.stdout and "flow overhead" in result.stdout
+    stages = ["ingest", "prepare", "features", "train", "evaluate", "export", "register"]
+    assert all(f"seconds.{stage}" in mlflow_run.data.metrics for stage in stages)
+    assert "seconds.flow_overhead" in mlflow_run.data.metrics

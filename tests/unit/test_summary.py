@@ -96,3 +96,48 @@ def test_a_first_run_says_why_there_is_nothing_to_compare(tmp_path, monkeypatch)
     result = summary.run_summary(tmp_path / "metrics.json", tmp_path / "registry.json")
     assert f"data            {note}" in summary.format_summary(result)
     assert "features " not in summary.format_summary(result)
+
+
+def _timings() -> dict:
+    runs = [
+        {"stage": "ingest", "status": "ran", "seconds": 2.0, "cpu_seconds": 1.5},
+        {"stage": "features", "status": "up to date", "seconds": 1.0, "cpu_seconds": 0.5},
+        {"stage": "train", "status": "restored", "seconds": 3.0, "cpu_seconds": 2.0},
+    ]
+    return summary.stage_timings(runs, flow_seconds=10.0, flow_cpu_seconds=6.0)
+
+
+def test_timings_give_each_stage_and_the_flows_overhead():
+    timings = _timings()
+    assert timings["stages_seconds"] == 6.0 and timings["overhead_seconds"] == 4.0
+    assert timings["overhead_cpu_seconds"] == 2.0
+    rows = {what: (seconds, cpu, note) for what, seconds, cpu, note in summary.timing_rows(timings)}
+    assert rows["ingest"] == (2.0, 1.5, "")
+    assert rows["features"][2] == "up to date" and rows["train"][2] == "restored"
+    assert rows["flow overhead"][:2] == (4.0, 2.0)
+    assert rows["total"] == (10.0, 6.0, "")
+
+
+def test_startup_before_the_flow_counts_in_the_total():
+    timings = {**_timings(), "startup_seconds": 5.0, "startup_cpu_seconds": 3.0}
+    rows = {what: (seconds, cpu) for what, seconds, cpu, _ in summary.timing_rows(timings)}
+    assert rows["startup"] == (5.0, 3.0) and rows["total"] == (15.0, 9.0)
+
+
+def test_summary_text_markdown_and_metrics_carry_the_timings(tmp_path, monkeypatch):
+    result = {**_summary(tmp_path, monkeypatch), "timings": _timings()}
+    text = summary.format_summary(result)
+    assert "  features            1.0 /     0.5  up to date" in text
+    assert "  flow overhead       4.0 /     2.0" in text
+    markdown = summary.format_markdown(result)
+    assert "| features | 1.0 | 0.5 | up to date |" in markdown
+    assert "| flow overhead | 4.0 | 2.0 |" in markdown
+    metrics = summary.timing_metrics(result["timings"])
+    assert metrics["seconds.ingest"] == 2.0 and metrics["cpu_seconds.train"] == 2.0
+    assert metrics["seconds.flow_overhead"] == 4.0 and metrics["seconds.flow"] == 10.0
+
+
+def test_a_summary_without_timings_has_no_timing_section(tmp_path, monkeypatch):
+    result = _summary(tmp_path, monkeypatch)
+    assert "seconds (wall / CPU)" not in summary.format_summary(result)
+    assert "| seconds |" not in summary.format_markdown(result)
