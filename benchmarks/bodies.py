@@ -687,13 +687,14 @@ def markdown_rows(report: dict) -> list[str]:
         se = "/".join("yes" if row["gap"][m] >= -ses[m] else "no" for m in ("accuracy", "roc_auc"))
         if not speed:  # untimed: the same trunk as taps-head, more pooling
             ratio, rate = "at most taps-head's", "not timed"
+        kept = "baseline" if name == "default" else "**yes**" if verdict_.get("kept") else "no"
         rows.append(
             f"| {name} ({row['what']}) | {row['lever']} | {ratio} | {rate} | "
             f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | "
             f"{row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f} | "
             f"{row['gap']['accuracy']:+.4f} / {row['gap']['roc_auc']:+.4f} | "
             f"{se} | "
-            f"{'**yes**' if verdict_.get('kept') else 'no'} |"
+            f"{kept} |"
         )
     return header + rows
 
