@@ -23,9 +23,9 @@ def open_session(
     ``lean`` (ONNX Runtime's settings otherwise) turns off the memory pattern, for long batched
     runs whose peak memory must stay bounded (promotion's scoring). The pattern plans one block
     for a run's activations on top of the memory arena, which about doubled the peak on the
-    default ensemble (batch 8: 0.94 -> 0.59 GB, at the same CPU time per image). The arena stays
-    on: without it every run allocates and frees its buffers again, which cost 40-80% more CPU
-    per image there (benchmarks/README.md, "Promotion").
+    default ensemble (batch 8: 0.95 -> 0.61 GB, at about the same CPU time per image). The arena
+    stays on: without it every run allocates and frees its buffers again, which cost 40-80% more
+    CPU per image there (benchmarks/README.md, "Promotion").
     """
     import onnxruntime as ort
 

@@ -31,7 +31,7 @@ from headswap.promotion.statistics import Scores
 
 # Images per ONNX Runtime call. The peak grows with the batch (the default ensemble keeps each
 # block's activations for both views of every image: about 0.1 GB an image at batch 32), while
-# the CPU time per image does not fall past a few images (benchmarks/README.md, "Promotion").
+# the CPU per image fell only ~10% from 8 to 32 (benchmarks/README.md, "Promotion").
 SCORE_BATCH = 8
 
 
