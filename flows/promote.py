@@ -36,7 +36,7 @@ def promote(
     params = load_params("params.yaml")
     outcome = promote_version(
         params.registry,
-        PromotionFiles(),
+        PromotionFiles(cache_dir=params.features.cache_dir),
         version=version,
         force=force,
         reason=reason,

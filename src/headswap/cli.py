@@ -231,12 +231,16 @@ def promote(
     ] = False,
     reason: Annotated[str, typer.Option(help="why, for the audit history")] = "",
 ) -> None:
-    """Re-score challenger and champion on the test split; move @champion if the gate passes."""
+    """Re-score challenger and champion on the test split; move @champion if the gate passes.
+
+    Scores are cached per (model bytes, image bytes) in the feature-cache folder, so a repeated
+    promotion scores only images a model has not scored before (docs/promotion.md).
+    """
     from headswap.promotion.promote import promote_version
     from headswap.promotion.scoring import PromotionFiles
 
     config = _params(params)
-    files = PromotionFiles(paths.MANIFEST, paths.RAW_DIR)
+    files = PromotionFiles(paths.MANIFEST, paths.RAW_DIR, config.features.cache_dir)
     outcome = promote_version(
         config.registry,
         files,
@@ -246,6 +250,8 @@ def promote(
         split=config.data.split,
         allow_split_conflict=allow_split_conflict,
     )
+    for line in outcome.scoring_lines():
+        console.print(line, highlight=False, soft_wrap=True)
     if outcome.note:
         console.print(f"[yellow]note:[/] {outcome.note}", highlight=False, soft_wrap=True)
     if outcome.comparison is not None:

@@ -6,6 +6,8 @@ Layout under the cache root::
     embeddings/<key>/last_run.json         hits and misses of the latest run with this key
     embeddings/<key>/<sha[:2]>/<sha>.npy   one image's embedding [views, dim], checksummed
     bodies/<key>.onnx                      exported frozen bodies (ONNX Runtime engine)
+    scores/<model key>/<sha[:2]>/<sha>.npy one image's scores by one deployable model
+                                           (promotion, ``headswap.promotion.score_cache``)
 
 An entry's modification time is its last use (a hit touches it), which is what
 ``prune --older-than`` looks at.
@@ -38,6 +40,11 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def cache_root(configured: str | Path | None) -> Path:
+    """``features.cache_dir`` when it is set, else ``default_cache_dir()``."""
+    return Path(configured) if configured else default_cache_dir()
+
+
 def _decode(blob: bytes) -> np.ndarray | None:
     """The array in an entry, or None when the blake2b digest does not match (torn/corrupt)."""
     digest, payload = blob[:DIGEST_SIZE], blob[DIGEST_SIZE:]
@@ -52,18 +59,21 @@ def _decode(blob: bytes) -> np.ndarray | None:
         return None
 
 
+EMBEDDINGS, SCORES = "embeddings", "scores"  # the sections of the cache that hold entries
+
+
 class FeatureCache:
-    """Per-image embedding files for one cache key.
+    """Per-image array files for one cache key (embeddings, or a model's scores: ``section``).
 
     Each file carries a blake2b digest of its payload, so a torn or corrupted entry is detected
     and recomputed, never read. Writes go through a temp file and a rename, so two runs writing
     the same entry at once both leave a complete file.
     """
 
-    def __init__(self, root: Path, key: str):
+    def __init__(self, root: Path, key: str, section: str = EMBEDDINGS):
         self.root = Path(root)
         self.key = key
-        self.dir = self.root / "embeddings" / key
+        self.dir = self.root / section / key
 
     def _path(self, sha256: str) -> Path:
         return self.dir / sha256[:2] / f"{sha256}.npy"
@@ -155,7 +165,7 @@ def _entries(key_dir: Path) -> Iterator[Path]:
 def summarize_cache(root: Path) -> CacheSummary:
     """Sizes, entry counts per key and the last run's hit rate, from the files on disk."""
     keys = []
-    for key_dir in sorted((root / "embeddings").glob("*/")):
+    for key_dir in sorted((root / EMBEDDINGS).glob("*/")):
         sizes = [path.stat().st_size for path in _entries(key_dir)]
         keys.append(
             KeyStats(
@@ -221,18 +231,22 @@ def prune_cache(
 
     Args:
         root: the cache root.
-        keep: when given, the only (key -> image sha256s) still referenced; every other entry,
-            in every other key, is unreferenced and removed.
-        older_than_days: remove entries (and exported bodies) not used for this many days.
+        keep: when given, the only (key -> image sha256s) still referenced; every other
+            embedding, in every other key, is unreferenced and removed. Promotion's scores are
+            not embeddings of a configuration: ``keep`` leaves them alone.
+        older_than_days: remove entries (embeddings and scores) and exported bodies not used
+            for this many days.
         apply: delete for real; otherwise report what would be deleted.
 
     Torn or corrupt entries and temp files left by crashed writers are always removed.
     """
     report = PruneReport(applied=apply)
     cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
-    for key_dir in sorted((root / "embeddings").glob("*/")):
+    for key_dir in sorted((root / EMBEDDINGS).glob("*/")):
         key_keep = None if keep is None else keep.get(key_dir.name, set())
         _prune_key(key_dir, key_keep, cutoff, report)
+    for key_dir in sorted((root / SCORES).glob("*/")):
+        _prune_key(key_dir, None, cutoff, report)
     for body in (root / "bodies").glob("*.onnx"):
         if _stale(body, cutoff):
             report.bodies += 1

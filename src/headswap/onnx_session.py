@@ -11,16 +11,29 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def open_session(model: Path | bytes, threads: int | None = None, throughput: bool = False):
+def open_session(
+    model: Path | bytes, threads: int | None = None, throughput: bool = False, lean: bool = False
+):
     """An ``onnxruntime.InferenceSession`` on the CPU provider over a file or serialized model.
 
     ``throughput`` tunes it for long batched runs (the features stage): every graph optimisation,
     one intra-op thread per core (or ``threads``), sequential execution and no spinning. The
     default is ONNX Runtime's own settings, which suit one-off scoring (parity, predict).
+
+    ``lean`` (ONNX Runtime's settings otherwise) turns off the memory pattern, for long batched
+    runs whose peak memory must stay bounded (promotion's scoring). The pattern plans one block
+    for a run's activations on top of the memory arena, which about doubled the peak on the
+    default ensemble (batch 8: 0.95 -> 0.61 GB, at about the same CPU time per image). The arena
+    stays on: without it every run allocates and frees its buffers again, which cost 40-80% more
+    CPU per image there (benchmarks/README.md, "Promotion").
     """
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
+    if lean:
+        options = ort.SessionOptions()
+        options.enable_mem_pattern = False
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     if not throughput:
         return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     options = ort.SessionOptions()

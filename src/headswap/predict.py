@@ -75,19 +75,14 @@ class OnnxClassifier:
     interpolation: str
 
     @classmethod
-    def load(cls, path: Path) -> OnnxClassifier:
-        """Open ``path`` with the CPU provider and read classes, size and interpolation."""
-        session = open_session(path)
-        meta = session.get_modelmeta().custom_metadata_map
-        missing = {"headswap.classes", "headswap.image_size"} - set(meta)
-        if missing:
-            raise PredictError(f"{path} is not a headswap model: metadata lacks {sorted(missing)}")
-        return cls(
-            session,
-            json.loads(meta["headswap.classes"]),
-            model_image_size(meta["headswap.image_size"], path),
-            meta.get("headswap.interpolation", "bilinear"),
-        )
+    def load(cls, path: Path, lean: bool = False) -> OnnxClassifier:
+        """Open ``path`` with the CPU provider and read classes, size and interpolation.
+
+        ``lean`` opens the session without ONNX Runtime's memory pattern (``open_session``),
+        for long batched runs whose peak memory must stay bounded (promotion).
+        """
+        session = open_session(path, lean=lean)
+        return cls(session, *model_input(session.get_modelmeta().custom_metadata_map, path))
 
     def load_pixels(self, path: Path) -> np.ndarray:
         """Decode and resize one file exactly as the features stage does."""
@@ -97,6 +92,22 @@ class OnnxClassifier:
         """Probabilities [N, K] and predicted class indices [N] for a float32 NCHW batch."""
         probabilities, labels = self.session.run(["probabilities", "label"], {"pixels": pixels})
         return probabilities, labels.astype(np.int64)
+
+
+def model_input(meta: dict[str, str], path: Path) -> tuple[list[str], int, str]:
+    """(classes, input size, interpolation) from a headswap model's metadata properties.
+
+    Raises:
+        PredictError: ``path`` is not a headswap model, or its input size is out of range.
+    """
+    missing = {"headswap.classes", "headswap.image_size"} - set(meta)
+    if missing:
+        raise PredictError(f"{path} is not a headswap model: metadata lacks {sorted(missing)}")
+    return (
+        json.loads(meta["headswap.classes"]),
+        model_image_size(meta["headswap.image_size"], path),
+        meta.get("headswap.interpolation", "bilinear"),
+    )
 
 
 def model_image_size(value: str, path: Path) -> int:

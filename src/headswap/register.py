@@ -470,7 +470,7 @@ def _auto_promote(params: Params, version: str) -> list[str]:
     """Try the promotion gate for the version just registered; a refusal is not a failure."""
     outcome = promote_version(
         params.registry,
-        PromotionFiles(),
+        PromotionFiles(cache_dir=params.features.cache_dir),
         version=int(version),
         reason="registry.auto_promote after register",
         split=params.data.split,

@@ -73,6 +73,7 @@ def workspace(server, tmp_path, monkeypatch):
     rows = write_images(tmp_path / "data" / "raw")
     write_manifest(tmp_path / "data" / "prepared" / "manifest.csv", rows)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HEADSWAP_CACHE_DIR", str(tmp_path / "cache"))  # the promoters inherit it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     name = f"lock-{uuid.uuid4().hex[:8]}"

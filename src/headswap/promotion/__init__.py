@@ -1,7 +1,9 @@
 """Champion/challenger promotion: the operations on the model registry after the register stage.
 
 - ``scoring``: re-score a registered ONNX version on the workspace's test split (never trusting
-  stored numbers).
+  the numbers recorded at registration), after checking it against its ``onnx_sha256`` tag.
+- ``score_cache``: each model's scores per image, keyed by the model's and the image's bytes,
+  in the feature-cache folder, so each image is scored once per model.
 - ``statistics``: the gate's pure statistics and tolerance rules over two scored versions
   (McNemar's exact test, paired bootstrap intervals); no MLflow.
 - ``fairness``: whether today's test split is fair to both versions (split settings, images a

@@ -1,10 +1,11 @@
 """Promote, roll back, and the first champion: the only code that moves ``@champion``.
 
 ``promote_version`` re-scores the challenger and the champion on the workspace's test split
-(``scoring``), checks that the comparison is fair (``fairness``) and gates the challenger
-(``statistics``). Only a passing gate moves the ``champion`` alias, unless a person overrides it
-(``force``, with a reason; audited). Everything from reading the champion to writing the audit
-entry happens under the promotion lock (``lock``), and every move is recorded (``audit``).
+(``scoring``; each image once per model: ``score_cache``), checks that the comparison is fair
+(``fairness``) and gates the challenger (``statistics``). Only a passing gate moves the
+``champion`` alias, unless a person overrides it (``force``, with a reason; audited).
+Everything from reading the champion to writing the audit entry happens under the promotion
+lock (``lock``), and every move is recorded (``audit``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from headswap.promotion.audit import (
 )
 from headswap.promotion.fairness import SplitReview, review_split
 from headswap.promotion.lock import HeldLock, promotion_lock
-from headswap.promotion.scoring import PromotionFiles, TestSet, load_test_set, score_version
+from headswap.promotion.scoring import (
+    PromotionFiles,
+    ScoringTally,
+    TestSet,
+    load_test_set,
+    score_version,
+)
 from headswap.promotion.statistics import Comparison, compare
 from headswap.tracking import (
     CHALLENGER,
@@ -50,14 +57,21 @@ class PromotionOutcome:
     entry: dict = field(default_factory=dict)
     comparison: Comparison | None = None
     note: str = ""  # e.g. the champion gated against was moved outside headswap
+    # role ("champion", "challenger") -> how its test scores were obtained; {} when not scored
+    scoring: dict[str, ScoringTally] = field(default_factory=dict)
+
+    def scoring_lines(self) -> list[str]:
+        """One line per model: images scored now and images whose scores came from the cache."""
+        return [tally.line(role) for role, tally in self.scoring.items()]
 
     def summary(self) -> str:
-        return f"{self.note}\n{self.message}" if self.note else self.message
+        return "\n".join([*self.scoring_lines(), *([self.note] if self.note else []), self.message])
 
     def markdown(self) -> str:
         """The decision and the side-by-side table, for a Prefect artifact."""
         lines = [f"**{'PROMOTED' if self.promoted else 'NOT PROMOTED'}**: {self.message}", ""]
         lines += [f"Note: {self.note}", ""] if self.note else []
+        lines += [f"- {line}" for line in self.scoring_lines()] + [""] if self.scoring else []
         if self.comparison is not None:
             rows = self.comparison.table_rows()
             lines.append(markdown_table(list(rows[0]), [list(row.values()) for row in rows]))
@@ -214,12 +228,10 @@ def _gate_and_move(
     review: SplitReview,
 ) -> PromotionOutcome:
     name = registry.model_name
-    comparison = compare(
-        score_version(name, champion, test_set),
-        score_version(name, challenger, test_set),
-        registry.gate,
-        review.new_to_champion,
-    )
+    # One after the other: each model's session is gone before the next model is downloaded.
+    champion_scores, champion_tally = score_version(name, champion, test_set)
+    challenger_scores, challenger_tally = score_version(name, challenger, test_set)
+    comparison = compare(champion_scores, challenger_scores, registry.gate, review.new_to_champion)
     taken = overrides.taken(comparison.passed)
     promoted = comparison.passed or overrides.force
     record = audit_entry(
@@ -240,7 +252,11 @@ def _gate_and_move(
     else:
         entry = append_audit(held.client, name, record, held)
     return PromotionOutcome(
-        promoted, _decision(champion, challenger, comparison, taken), entry, comparison
+        promoted,
+        _decision(champion, challenger, comparison, taken),
+        entry,
+        comparison,
+        scoring={"champion": champion_tally, "challenger": challenger_tally},
     )
 
 

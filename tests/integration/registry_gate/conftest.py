@@ -166,12 +166,14 @@ INVERTED = (-20.0, 0.51)  # backwards: worse than GOOD on every metric and every
 
 @pytest.fixture(scope="module")
 def tiny_workspace(tmp_path_factory):
-    """Images + manifest in a tmp folder that is the cwd, so the embedded sqlite default is used."""
+    """Images + manifest in a tmp folder that is the cwd, so the embedded sqlite default is used;
+    promotion's score cache in the folder too (never the user's own ~/.cache/headswap)."""
     root = tmp_path_factory.mktemp("tiny-registry")
     rows = write_images(root / "data" / "raw")
     write_manifest(root / "data" / "prepared" / "manifest.csv", rows)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
+        patch.setenv("HEADSWAP_CACHE_DIR", str(root / "cache"))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         yield root, rows
