@@ -46,13 +46,15 @@ from headswap.evaluate import decide, roc_auc
 from headswap.feature_set import FeatureSet, load_features
 from headswap.features import extract_features
 from headswap.heads import predict_proba
-from headswap.io import markdown_table
+from headswap.io import atomic_write_text, markdown_table
 from headswap.manifest import read_classes, read_manifest
 from headswap.prepare import assign_splits, prepare
 from headswap.train import train_head
 
 HERE = Path(__file__).parent
 SWEEP_FILE = HERE / "accuracy_params" / "sweep.yaml"
+CANDIDATES_FILE = HERE / "accuracy_params" / "selection.yaml"
+SELECTION_FILE = HERE / "results" / "accuracy_selection.json"
 RESULTS_FILE = HERE / "results" / "accuracy.csv"
 ACCURACY_MD = HERE / "ACCURACY.md"
 SEEDS = (0, 1, 2, 3, 4)
@@ -353,6 +355,357 @@ def score_combination(names: list[str], views: str, seeds: list[int], sweep: Swe
     return score_seeds(score, combined, sweep.split, lever, seeds)
 
 
+# Selection: choose between configurations by cross-validation inside each split's train+val
+# side, then report the chosen one's test score once. The candidates are slices of one feature
+# file (bodies, taps, views) with a head each, listed in accuracy_params/selection.yaml.
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration to choose between: a slice of the feature file plus a head."""
+
+    name: str
+    bodies: list[str]  # "<backbone>@<size>" of the file's bodies (main body, then members)
+    taps: list
+    views: str
+    head: HeadConfig
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The contents of selection.yaml: the rule, the splits and the candidates."""
+
+    criterion: str  # accuracy | roc_auc: the cross-validated mean that chooses
+    folds: int
+    seed: int  # shuffles the folds (the same folds for every candidate)
+    default: str  # the candidate that is params.yaml
+    split: SplitConfig
+    candidates: list[Candidate]
+
+
+CRITERIA = ("accuracy", "roc_auc")
+
+
+def load_selection(path: Path = CANDIDATES_FILE) -> Selection:
+    """Parse selection.yaml; each candidate's head is the file's ``head`` with its keys on top."""
+    spec = yaml.safe_load(path.read_text())
+    candidates = [
+        Candidate(
+            name=item["name"],
+            bodies=item["bodies"],
+            taps=item["taps"],
+            views=item["views"],
+            head=HeadConfig(**{**spec["head"], **item.get("head", {})}),
+            threshold=float(item.get("threshold", 0.5)),
+        )
+        for item in spec["candidates"]
+    ]
+    selection = Selection(
+        criterion=spec["criterion"],
+        folds=int(spec["folds"]),
+        seed=int(spec["seed"]),
+        default=spec["default"],
+        split=SplitConfig(seed=SEEDS[0], **spec["split"]),
+        candidates=candidates,
+    )
+    names = [c.name for c in candidates]
+    if selection.criterion not in CRITERIA or selection.default not in names:
+        sys.exit(f"{path}: criterion must be one of {CRITERIA} and default a candidate's name")
+    if len(set(names)) != len(names):
+        sys.exit(f"{path}: candidate names must be unique")
+    return selection
+
+
+def body_layout(identity: dict) -> list[tuple[str, str, list[str], str]]:
+    """(``backbone@size``, backbone, taps, pool) of every body in a features_info identity, in
+    the order their features are concatenated (main body first, then ``backbone.ensemble``)."""
+    bodies = [identity, *identity.get("ensemble", [])]
+    return [
+        (f"{b['backbone']}@{b['preprocessing']['size']}", b["backbone"], b["taps"], b["pool"])
+        for b in bodies
+    ]
+
+
+def candidate_columns(identity: dict, candidate: Candidate) -> np.ndarray:
+    """Column indices of ``candidate``'s bodies and taps in a feature file with ``identity``.
+
+    Each body's block holds its taps in order, each tap pooled as the file's pool (meanmax:
+    the tap's mean channels, then its max channels), exactly as ``headswap.backbones.body``
+    concatenates them; so a slice is the vector the narrower configuration would extract.
+    """
+    layout = body_layout(identity)
+    unknown = sorted(set(candidate.bodies) - {name for name, *_ in layout})
+    if unknown:
+        sys.exit(f"candidate {candidate.name!r}: bodies {unknown} are not in the feature file")
+    wanted = {str(tap) for tap in candidate.taps}
+    columns, start = [], 0
+    for name, backbone, taps, pool in layout:
+        width = 2 if pool == "meanmax" else 1
+        channels = dict(zip([str(t) for t in ALL_TAPS], tap_channels(backbone), strict=True))
+        for tap in taps:
+            size = width * channels[tap]
+            if name in candidate.bodies and tap in wanted:
+                columns.append(np.arange(start, start + size))
+            start += size
+    return np.concatenate(columns)
+
+
+def candidate_slice(
+    embeddings: np.ndarray, identity: dict, file_views: str, candidate: Candidate
+) -> np.ndarray:
+    """``embeddings`` [N, V, D] cut down to ``candidate``'s views and columns."""
+    views = VIEW_SUBSETS[file_views][candidate.views]
+    return np.ascontiguousarray(embeddings[:, views][..., candidate_columns(identity, candidate)])
+
+
+def candidate_lever(candidate: Candidate) -> Lever:
+    """The candidate as a Lever, so ``score`` trains and scores it as the sweep does."""
+    return Lever(
+        candidate.name,
+        "+".join(candidate.bodies),
+        candidate.taps,
+        "meanmax",
+        candidate.views,
+        candidate.head,
+        candidate.threshold,
+    )
+
+
+def cross_validate(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    candidate: Candidate,
+    folds: int,
+    seed: int,
+) -> dict[str, float]:
+    """Stratified k-fold scores of ``candidate`` on the rows given, and only those.
+
+    Each fold trains the head on the other folds (no val part: temperature 1, which moves
+    neither accuracy at a fixed threshold nor ROC-AUC) and scores the held-out fold.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = []
+    for _, held in splitter.split(np.zeros(len(labels)), labels):
+        split = np.full(len(labels), "train", dtype="<U5")
+        split[held] = "test"
+        # the fold needs no sha256 or path: ``score`` reads embeddings, labels and split only
+        fold = FeatureSet(embeddings, sha256=labels, path=labels, label=labels, split=split)
+        scores.append(score(fold, classes, candidate_lever(candidate))[:2])
+    accuracy, auc = (np.array(column) for column in zip(*scores, strict=True))
+    return {
+        "accuracy": float(accuracy.mean()),
+        "roc_auc": float(auc.mean()),
+        "accuracy_per_fold": accuracy.tolist(),
+        "roc_auc_per_fold": auc.tolist(),
+    }
+
+
+def choose_candidate(
+    training_side: FeatureSet,
+    identity: dict,
+    file_views: str,
+    classes: list[str],
+    selection: Selection,
+) -> tuple[str, list[dict]]:
+    """The winning candidate's name and every candidate's cross-validated scores.
+
+    ``training_side`` is one split's train and val rows: the function never sees a test row,
+    so nothing about the test split can move the choice. Ties go to the other criterion, then
+    to the candidate listed first.
+    """
+    if (training_side.split == "test").any():
+        raise ValueError("choose_candidate takes the train+val side of a split, not its test rows")
+    table = []
+    for candidate in selection.candidates:
+        started = time.perf_counter()
+        sliced = candidate_slice(training_side.embeddings, identity, file_views, candidate)
+        cv = cross_validate(
+            sliced, training_side.label, classes, candidate, selection.folds, selection.seed
+        )
+        table.append({"candidate": candidate.name, **cv})
+        print(
+            f"  {candidate.name}: CV accuracy {cv['accuracy']:.4f}, ROC-AUC {cv['roc_auc']:.4f} "
+            f"({time.perf_counter() - started:.0f}s)",
+            flush=True,
+        )
+    other = CRITERIA[1 - CRITERIA.index(selection.criterion)]
+    ranked = sorted(
+        range(len(table)),
+        key=lambda i: (-table[i][selection.criterion], -table[i][other], i),
+    )
+    return table[ranked[0]]["candidate"], table
+
+
+def score_on_test(
+    features: FeatureSet,
+    identity: dict,
+    file_views: str,
+    classes: list[str],
+    candidate: Candidate,
+) -> dict[str, float]:
+    """Train ``candidate`` as the pipeline does (head on train, temperature on val) and score
+    the test rows: the one look at the test split."""
+    sliced = replace(
+        features, embeddings=candidate_slice(features.embeddings, identity, file_views, candidate)
+    )
+    accuracy, auc, _ = score(sliced, classes, candidate_lever(candidate))
+    return {"accuracy": accuracy, "roc_auc": auc}
+
+
+def select_on_split(
+    features: FeatureSet,
+    identity: dict,
+    file_views: str,
+    classes: list[str],
+    selection: Selection,
+) -> dict:
+    """One split (``features.split``): choose on its train+val side, then score test once."""
+    side = features.split != "test"
+    training_side = FeatureSet(*(column[side] for column in _columns(features)))
+    winner, table = choose_candidate(training_side, identity, file_views, classes, selection)
+    chosen = next(c for c in selection.candidates if c.name == winner)
+    cv = next(row for row in table if row["candidate"] == winner)
+    return {
+        "winner": winner,
+        "cv_accuracy": cv["accuracy"],
+        "cv_roc_auc": cv["roc_auc"],
+        "test": score_on_test(features, identity, file_views, classes, chosen),
+        "cv": table,
+    }
+
+
+def _columns(features: FeatureSet) -> tuple[np.ndarray, ...]:
+    return (features.embeddings, features.sha256, features.path, features.label, features.split)
+
+
+def spread(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    array = np.array(values)
+    std = float(array.std(ddof=1)) if len(array) > 1 else None
+    return {"mean": float(array.mean()), "std": std}
+
+
+def aligned_rows(features: FeatureSet, manifest: Path) -> list[dict]:
+    """The manifest's rows in the feature file's row order (the split needs pixels_sha256)."""
+    by_path = {row["path"]: row for row in read_manifest(manifest)}
+    missing = [str(p) for p in features.path if str(p) not in by_path]
+    if missing:
+        sys.exit(f"{manifest}: {len(missing)} feature rows are not in the manifest: {missing[:3]}")
+    return [by_path[str(p)] for p in features.path]
+
+
+def run_selection(
+    features: FeatureSet,
+    info: dict,
+    rows: list[dict],
+    classes: list[str],
+    selection: Selection,
+    seeds: list[int],
+    done: Callable[[dict], None] = lambda _: None,
+) -> dict:
+    """Every seed's split: the CV choice and its test score, and the default's test score.
+
+    ``done`` gets the results so far after each split (a cut-short run keeps what it measured).
+    """
+    identity, file_views = info["identity"], info["views"]
+    default = next(c for c in selection.candidates if c.name == selection.default)
+    splits = []
+    for seed in seeds:
+        print(f"split seed {seed}: choosing by {selection.folds}-fold CV on train+val", flush=True)
+        split = replace(features, split=split_labels(rows, seed, selection.split))
+        result = select_on_split(split, identity, file_views, classes, selection)
+        result["default_test"] = score_on_test(split, identity, file_views, classes, default)
+        print(
+            f"split seed {seed}: chose {result['winner']!r}; test accuracy "
+            f"{result['test']['accuracy']:.4f}, ROC-AUC {result['test']['roc_auc']:.4f} "
+            f"(default: {result['default_test']['accuracy']:.4f}, "
+            f"{result['default_test']['roc_auc']:.4f})",
+            flush=True,
+        )
+        splits.append({"seed": seed, **result})
+        done(summarise_selection(splits))
+    return summarise_selection(splits)
+
+
+def summarise_selection(splits: list[dict]) -> dict:
+    """The chosen configurations' and the default's test scores: mean ± std over the splits."""
+    return {
+        "selected": {metric: spread([s["test"][metric] for s in splits]) for metric in CRITERIA},
+        "default": {
+            metric: spread([s["default_test"][metric] for s in splits]) for metric in CRITERIA
+        },
+        "splits": splits,
+    }
+
+
+def selection_record(selection: Selection, info: dict, results: dict, seconds: dict) -> dict:
+    """What ``select`` writes: the protocol, the candidates, every split's figures, timing."""
+    return {
+        "protocol": {
+            "criterion": selection.criterion,
+            "folds": selection.folds,
+            "fold_seed": selection.seed,
+            "split": selection.split.model_dump(mode="json") | {"seed": "per split"},
+            "default": selection.default,
+            "feature_cache_key": info["cache_key"],
+        },
+        "candidates": [
+            {
+                "name": c.name,
+                "bodies": c.bodies,
+                "taps": [str(t) for t in c.taps],
+                "views": c.views,
+                "C": c.head.C,
+                "threshold": c.threshold,
+            }
+            for c in selection.candidates
+        ],
+        **results,
+        "seconds": seconds,
+    }
+
+
+def select_command(args: argparse.Namespace) -> int:
+    """``select``: choose by CV inside train+val on every split and score test once."""
+    import resource
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    selection = load_selection(args.candidates)
+    info_path = args.info or args.features.with_name("features_info.json")
+    info = json.loads(info_path.read_text())
+    features = load_features(args.features)
+    rows = aligned_rows(features, args.manifest)
+    classes = read_classes(args.validation)
+    started, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+
+    def write(results: dict) -> dict[str, float]:
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        seconds = {
+            "wall": round(time.perf_counter() - started, 1),
+            "cpu": round(end.ru_utime + end.ru_stime - usage.ru_utime - usage.ru_stime, 1),
+            "torch_threads": torch.get_num_threads(),
+        }
+        record_ = selection_record(selection, info, results, seconds)
+        atomic_write_text(args.out, json.dumps(record_, indent=2) + "\n")
+        return seconds
+
+    results = run_selection(features, info, rows, classes, selection, args.seeds, write)
+    seconds = write(results)
+    for name in ("selected", "default"):
+        acc, auc = results[name]["accuracy"], results[name]["roc_auc"]
+        print(
+            f"{name}: test accuracy {acc['mean']:.4f} ± {acc['std'] or 0:.4f}, "
+            f"ROC-AUC {auc['mean']:.4f} ± {auc['std'] or 0:.4f}"
+        )
+    print(f"wrote {args.out} ({seconds['wall']}s wall, {seconds['cpu']}s CPU)")
+    return 0
+
+
 # The results file: one row per experiment, numbers as printed (4 decimals). ``commit`` is set
 # only on rows the current code no longer reproduces: the commit they were measured at.
 RESULT_FIELDS = [
@@ -598,6 +951,25 @@ def parser() -> argparse.ArgumentParser:
     measure.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
+    select = commands.add_parser(
+        "select",
+        help="choose between candidates by CV inside each split's train+val, score test once",
+    )
+    select.set_defaults(run=select_command)
+    select.add_argument(
+        "--features", type=Path, required=True, help="a features.npz the candidates slice"
+    )
+    select.add_argument(
+        "--info", type=Path, help="its features_info.json (default: beside --features)"
+    )
+    select.add_argument("--manifest", type=Path, default=Path("data/prepared/manifest.csv"))
+    select.add_argument(
+        "--validation", type=Path, default=Path("data/prepared/validation.json"), help="classes"
+    )
+    select.add_argument("--candidates", type=Path, default=CANDIDATES_FILE)
+    select.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    select.add_argument("--out", type=Path, default=SELECTION_FILE, help="results (JSON)")
+    select.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     render_ = commands.add_parser("render", help="rewrite ACCURACY.md's tables from the results")
     render_.set_defaults(run=render_command)
     render_.add_argument("--results", type=Path, default=RESULTS_FILE)
