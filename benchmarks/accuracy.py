@@ -1,26 +1,38 @@
-"""Accuracy sweep on ELPV: which frozen-body and head levers beat Deitsch et al. (2019)?
+"""Accuracy on ELPV: which frozen-body and head configurations beat Deitsch et al. (2019)?
 
 Reference: a fine-tuned VGG-19 reached 88.42% accuracy and 0.944 ROC-AUC on a 75/25 stratified
-split. Here the body stays frozen; every row is the mean ± std over the same 5 stratified 75/25
-splits (``data.split.seed`` in SEEDS, val carved from the 75%).
+split. Here the body stays frozen; every figure is the mean ± std over the same 5 75/25 splits
+(``data.split.seed`` in SEEDS, val carved from the 75%).
 
-Bodies are expensive, heads are cheap, so the script extracts a few *rich* bodies once over the
-whole dataset (every tap, mean+max pooled, through the project's feature cache) and slices them:
-a lever such as "taps 3..head" or "mean pooling only" or "no views" is a column/view subset of a
-rich body: the features that narrower config would extract (up to ONNX Runtime float
-rounding). The split only decides which images are test, so the same features serve every seed.
-The bodies and levers are listed in ``benchmarks/accuracy_params/sweep.yaml``.
+``select`` is the protocol that reports: on each split it chooses between the candidates of
+``benchmarks/accuracy_params/selection.yaml`` by stratified k-fold cross-validation inside that
+split's train+val side (``choose_candidate`` is handed those rows only), then trains the winner
+as the pipeline does (head on train, temperature on val) and scores the split's test rows once.
+The candidates are slices (bodies, taps, views) of one features.npz, such as the default's.
+
+``measure`` is the exploratory sweep: it reports test scores of configurations that were
+themselves picked by looking at those test scores, so its figures are optimistic. Bodies are
+expensive, heads are cheap, so it extracts a few *rich* bodies once over the whole dataset
+(every tap, mean+max pooled, through the project's feature cache) and slices them: a lever such
+as "taps 3..head" or "mean pooling only" or "no views" is a column/view subset of a rich body:
+the features that narrower config would extract (up to ONNX Runtime float rounding). The split
+only decides which images are test, so the same features serve every seed. The bodies and
+levers are listed in ``benchmarks/accuracy_params/sweep.yaml``.
 
 Usage (from the repository root, ELPV in data/raw as ``headswap ingest`` leaves it)::
 
+    python benchmarks/accuracy.py select --features data/features/features.npz
     HEADSWAP_CACHE_DIR=/tmp/cache python benchmarks/accuracy.py measure --workspace /tmp/acc
     python benchmarks/accuracy.py render
 
-``measure`` prints a markdown row per experiment, writes ``<workspace>/accuracy*.json`` with every
-seed's scores, and records each experiment's result in ``benchmarks/results/accuracy.csv``.
-``--params FILE`` scores a whole params file as the pipeline runs it; ``--combine`` scores the
-``--bodies`` side by side. ``render`` rewrites the generated tables of
-``benchmarks/ACCURACY.md`` from the results file (``--check``: only say whether they are current).
+``select`` writes ``benchmarks/results/accuracy_selection.json`` (every candidate's CV scores per
+split, the winners, their test scores, the default's); ``--seeds`` with ``--merge`` combines
+runs over different seeds. ``measure`` prints a markdown row per experiment, writes
+``<workspace>/accuracy*.json`` with every seed's scores, and records each experiment's result in
+``benchmarks/results/accuracy.csv``. ``--params FILE`` scores a whole params file as the
+pipeline runs it; ``--combine`` scores the ``--bodies`` side by side. ``render`` rewrites the
+generated tables of ``benchmarks/ACCURACY.md`` from both results files (``--check``: only say
+whether they are current).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import hashlib
 import json
 import re
 import sys
@@ -510,34 +523,65 @@ def choose_candidate(
     file_views: str,
     classes: list[str],
     selection: Selection,
+    cv_cache: Path | None = None,
+    reverse: bool = False,
 ) -> tuple[str, list[dict]]:
     """The winning candidate's name and every candidate's cross-validated scores.
 
     ``training_side`` is one split's train and val rows: the function never sees a test row,
     so nothing about the test split can move the choice. Ties go to the other criterion, then
-    to the candidate listed first.
+    to the candidate listed first. With ``cv_cache`` (a folder for this split) each candidate's
+    CV scores are stored there and reused, so two processes can share one split's candidates,
+    one of them working through the list from the end (``reverse``).
     """
     if (training_side.split == "test").any():
         raise ValueError("choose_candidate takes the train+val side of a split, not its test rows")
-    table = []
-    for candidate in selection.candidates:
+    rows: dict[int, dict] = {}
+    order = range(len(selection.candidates))
+    for index in reversed(order) if reverse else order:
+        candidate = selection.candidates[index]
+        stored = cv_cache / cv_cache_name(candidate, selection) if cv_cache else None
+        if stored is not None and stored.is_file():
+            rows[index] = json.loads(stored.read_text())
+            continue
         started = time.perf_counter()
         sliced = candidate_slice(training_side.embeddings, identity, file_views, candidate)
         cv = cross_validate(
             sliced, training_side.label, classes, candidate, selection.folds, selection.seed
         )
-        table.append({"candidate": candidate.name, **cv})
+        rows[index] = {"candidate": candidate.name, **cv}
+        if stored is not None:
+            atomic_write_text(stored, json.dumps(rows[index]))
         print(
             f"  {candidate.name}: CV accuracy {cv['accuracy']:.4f}, ROC-AUC {cv['roc_auc']:.4f} "
             f"({time.perf_counter() - started:.0f}s)",
             flush=True,
         )
+    table = [rows[index] for index in order]
     other = CRITERIA[1 - CRITERIA.index(selection.criterion)]
     ranked = sorted(
         range(len(table)),
         key=lambda i: (-table[i][selection.criterion], -table[i][other], i),
     )
     return table[ranked[0]]["candidate"], table
+
+
+def cv_cache_name(candidate: Candidate, selection: Selection) -> str:
+    """The file of one candidate's CV scores: its whole definition and the folds."""
+    key = json.dumps(
+        [
+            candidate.name,
+            candidate.bodies,
+            [str(t) for t in candidate.taps],
+            candidate.views,
+            candidate.head.model_dump(mode="json"),
+            candidate.threshold,
+            selection.folds,
+            selection.seed,
+        ],
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16] + ".json"
 
 
 def score_on_test(
@@ -562,11 +606,15 @@ def select_on_split(
     file_views: str,
     classes: list[str],
     selection: Selection,
+    cv_cache: Path | None = None,
+    reverse: bool = False,
 ) -> dict:
     """One split (``features.split``): choose on its train+val side, then score test once."""
     side = features.split != "test"
     training_side = FeatureSet(*(column[side] for column in _columns(features)))
-    winner, table = choose_candidate(training_side, identity, file_views, classes, selection)
+    winner, table = choose_candidate(
+        training_side, identity, file_views, classes, selection, cv_cache, reverse
+    )
     chosen = next(c for c in selection.candidates if c.name == winner)
     cv = next(row for row in table if row["candidate"] == winner)
     return {
@@ -606,6 +654,8 @@ def run_selection(
     selection: Selection,
     seeds: list[int],
     done: Callable[[dict], None] = lambda _: None,
+    cv_cache: Path | None = None,
+    reverse: bool = False,
 ) -> dict:
     """Every seed's split: the CV choice and its test score, and the default's test score.
 
@@ -617,7 +667,11 @@ def run_selection(
     for seed in seeds:
         print(f"split seed {seed}: choosing by {selection.folds}-fold CV on train+val", flush=True)
         split = replace(features, split=split_labels(rows, seed, selection.split))
-        result = select_on_split(split, identity, file_views, classes, selection)
+        folder = None
+        if cv_cache is not None:
+            folder = cv_cache / f"seed-{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+        result = select_on_split(split, identity, file_views, classes, selection, folder, reverse)
         result["default_test"] = score_on_test(split, identity, file_views, classes, default)
         print(
             f"split seed {seed}: chose {result['winner']!r}; test accuracy "
@@ -721,7 +775,9 @@ def select_command(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, json.dumps(record_, indent=2) + "\n")
         return seconds
 
-    results = run_selection(features, info, rows, classes, selection, args.seeds, write)
+    results = run_selection(
+        features, info, rows, classes, selection, args.seeds, write, args.cv_cache, args.reverse
+    )
     seconds = write(results)
     for name in ("selected", "default"):
         acc, auc = results[name]["accuracy"], results[name]["roc_auc"]
@@ -1083,6 +1139,15 @@ def parser() -> argparse.ArgumentParser:
     select.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     select.add_argument("--out", type=Path, default=SELECTION_FILE, help="results (JSON)")
     select.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
+    select.add_argument(
+        "--cv-cache",
+        type=Path,
+        help="keep each candidate's CV scores here per split and reuse them (processes that "
+        "share a split share this folder)",
+    )
+    select.add_argument(
+        "--reverse", action="store_true", help="work through the candidates from the end"
+    )
     select.add_argument(
         "--merge",
         type=Path,

@@ -153,3 +153,13 @@ def test_runs_over_other_seeds_merge_into_the_one_run_and_render(real, tmp_path)
     assert "old" not in rendered
     for split in merged["splits"]:
         assert f"| {split['seed']} | {split['winner']} |" in rendered
+
+
+def test_a_shared_cv_cache_worked_from_both_ends_gives_the_same_choice(real, tmp_path):
+    """Two processes on one split (``--cv-cache``, one ``--reverse``) meet in the middle."""
+    info = real["info"]
+    args = (real["features"], info["identity"], info["views"], real["classes"], SELECTION)
+    reverse = select_on_split(*args, tmp_path, reverse=True)
+    cached = select_on_split(*args, tmp_path)  # every candidate from the cache
+    assert len(list(tmp_path.glob("*.json"))) == len(SELECTION.candidates)
+    assert reverse == cached == select_on_split(*args)
