@@ -525,6 +525,7 @@ def choose_candidate(
     selection: Selection,
     cv_cache: Path | None = None,
     reverse: bool = False,
+    start: int = 0,
 ) -> tuple[str, list[dict]]:
     """The winning candidate's name and every candidate's cross-validated scores.
 
@@ -532,13 +533,15 @@ def choose_candidate(
     so nothing about the test split can move the choice. Ties go to the other criterion, then
     to the candidate listed first. With ``cv_cache`` (a folder for this split) each candidate's
     CV scores are stored there and reused, so two processes can share one split's candidates,
-    one of them working through the list from the end (``reverse``).
+    one of them working through the list from the end (``reverse``), another from ``start``.
     """
     if (training_side.split == "test").any():
         raise ValueError("choose_candidate takes the train+val side of a split, not its test rows")
     rows: dict[int, dict] = {}
     order = range(len(selection.candidates))
-    for index in reversed(order) if reverse else order:
+    start = start % len(order)
+    work = [*order[start:], *order[:start]]  # a third process can start in the middle
+    for index in reversed(work) if reverse else work:
         candidate = selection.candidates[index]
         stored = cv_cache / cv_cache_name(candidate, selection) if cv_cache else None
         if stored is not None and stored.is_file():
@@ -608,12 +611,13 @@ def select_on_split(
     selection: Selection,
     cv_cache: Path | None = None,
     reverse: bool = False,
+    start: int = 0,
 ) -> dict:
     """One split (``features.split``): choose on its train+val side, then score test once."""
     side = features.split != "test"
     training_side = FeatureSet(*(column[side] for column in _columns(features)))
     winner, table = choose_candidate(
-        training_side, identity, file_views, classes, selection, cv_cache, reverse
+        training_side, identity, file_views, classes, selection, cv_cache, reverse, start
     )
     chosen = next(c for c in selection.candidates if c.name == winner)
     cv = next(row for row in table if row["candidate"] == winner)
@@ -656,6 +660,7 @@ def run_selection(
     done: Callable[[dict], None] = lambda _: None,
     cv_cache: Path | None = None,
     reverse: bool = False,
+    start: int = 0,
 ) -> dict:
     """Every seed's split: the CV choice and its test score, and the default's test score.
 
@@ -671,7 +676,9 @@ def run_selection(
         if cv_cache is not None:
             folder = cv_cache / f"seed-{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-        result = select_on_split(split, identity, file_views, classes, selection, folder, reverse)
+        result = select_on_split(
+            split, identity, file_views, classes, selection, folder, reverse, start
+        )
         result["default_test"] = score_on_test(split, identity, file_views, classes, default)
         print(
             f"split seed {seed}: chose {result['winner']!r}; test accuracy "
@@ -776,7 +783,16 @@ def select_command(args: argparse.Namespace) -> int:
         return seconds
 
     results = run_selection(
-        features, info, rows, classes, selection, args.seeds, write, args.cv_cache, args.reverse
+        features,
+        info,
+        rows,
+        classes,
+        selection,
+        args.seeds,
+        write,
+        args.cv_cache,
+        args.reverse,
+        args.start,
     )
     seconds = write(results)
     for name in ("selected", "default"):
@@ -1147,6 +1163,9 @@ def parser() -> argparse.ArgumentParser:
     )
     select.add_argument(
         "--reverse", action="store_true", help="work through the candidates from the end"
+    )
+    select.add_argument(
+        "--start", type=int, default=0, help="with --cv-cache: begin at this candidate's index"
     )
     select.add_argument(
         "--merge",
