@@ -988,7 +988,7 @@ def selection_candidates_table(selection: dict) -> str:
             ]
         )
     return markdown_table(
-        ["candidate", "CV accuracy (mean of splits)", "CV ROC-AUC (mean of splits)", "chosen on"],
+        ["candidate", "CV accuracy (mean of splits)", "CV ROC-AUC (mean of splits)", "splits won"],
         table,
     )
 
