@@ -1,26 +1,38 @@
-"""Accuracy sweep on ELPV: which frozen-body and head levers beat Deitsch et al. (2019)?
+"""Accuracy on ELPV: which frozen-body and head configurations beat Deitsch et al. (2019)?
 
 Reference: a fine-tuned VGG-19 reached 88.42% accuracy and 0.944 ROC-AUC on a 75/25 stratified
-split. Here the body stays frozen; every row is the mean ± std over the same 5 stratified 75/25
-splits (``data.split.seed`` in SEEDS, val carved from the 75%).
+split. Here the body stays frozen; every figure is the mean ± std over the same 5 75/25 splits
+(``data.split.seed`` in SEEDS, val carved from the 75%).
 
-Bodies are expensive, heads are cheap, so the script extracts a few *rich* bodies once over the
-whole dataset (every tap, mean+max pooled, through the project's feature cache) and slices them:
-a lever such as "taps 3..head" or "mean pooling only" or "no views" is a column/view subset of a
-rich body: the features that narrower config would extract (up to ONNX Runtime float
-rounding). The split only decides which images are test, so the same features serve every seed.
-The bodies and levers are listed in ``benchmarks/accuracy_params/sweep.yaml``.
+``select`` is the protocol that reports: on each split it chooses between the candidates of
+``benchmarks/accuracy_params/selection.yaml`` by stratified k-fold cross-validation inside that
+split's train+val side (``choose_candidate`` is handed those rows only), then trains the winner
+as the pipeline does (head on train, temperature on val) and scores the split's test rows once.
+The candidates are slices (bodies, taps, views) of one features.npz, such as the default's.
+
+``measure`` is the exploratory sweep: it reports test scores of configurations that were
+themselves picked by looking at those test scores, so its figures are optimistic. Bodies are
+expensive, heads are cheap, so it extracts a few *rich* bodies once over the whole dataset
+(every tap, mean+max pooled, through the project's feature cache) and slices them: a lever such
+as "taps 3..head" or "mean pooling only" or "no views" is a column/view subset of a rich body:
+the features that narrower config would extract (up to ONNX Runtime float rounding). The split
+only decides which images are test, so the same features serve every seed. The bodies and
+levers are listed in ``benchmarks/accuracy_params/sweep.yaml``.
 
 Usage (from the repository root, ELPV in data/raw as ``headswap ingest`` leaves it)::
 
+    python benchmarks/accuracy.py select --features data/features/features.npz
     HEADSWAP_CACHE_DIR=/tmp/cache python benchmarks/accuracy.py measure --workspace /tmp/acc
     python benchmarks/accuracy.py render
 
-``measure`` prints a markdown row per experiment, writes ``<workspace>/accuracy*.json`` with every
-seed's scores, and records each experiment's result in ``benchmarks/results/accuracy.csv``.
-``--params FILE`` scores a whole params file as the pipeline runs it; ``--combine`` scores the
-``--bodies`` side by side. ``render`` rewrites the generated tables of
-``benchmarks/ACCURACY.md`` from the results file (``--check``: only say whether they are current).
+``select`` writes ``benchmarks/results/accuracy_selection.json`` (every candidate's CV scores per
+split, the winners, their test scores, the default's); ``--seeds`` with ``--merge`` combines
+runs over different seeds. ``measure`` prints a markdown row per experiment, writes
+``<workspace>/accuracy*.json`` with every seed's scores, and records each experiment's result in
+``benchmarks/results/accuracy.csv``. ``--params FILE`` scores a whole params file as the
+pipeline runs it; ``--combine`` scores the ``--bodies`` side by side. ``render`` rewrites the
+generated tables of ``benchmarks/ACCURACY.md`` from both results files (``--check``: only say
+whether they are current).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import hashlib
 import json
 import re
 import sys
@@ -46,13 +59,15 @@ from headswap.evaluate import decide, roc_auc
 from headswap.feature_set import FeatureSet, load_features
 from headswap.features import extract_features
 from headswap.heads import predict_proba
-from headswap.io import markdown_table
+from headswap.io import atomic_write_text, markdown_table
 from headswap.manifest import read_classes, read_manifest
 from headswap.prepare import assign_splits, prepare
 from headswap.train import train_head
 
 HERE = Path(__file__).parent
 SWEEP_FILE = HERE / "accuracy_params" / "sweep.yaml"
+CANDIDATES_FILE = HERE / "accuracy_params" / "selection.yaml"
+SELECTION_FILE = HERE / "results" / "accuracy_selection.json"
 RESULTS_FILE = HERE / "results" / "accuracy.csv"
 ACCURACY_MD = HERE / "ACCURACY.md"
 SEEDS = (0, 1, 2, 3, 4)
@@ -353,6 +368,443 @@ def score_combination(names: list[str], views: str, seeds: list[int], sweep: Swe
     return score_seeds(score, combined, sweep.split, lever, seeds)
 
 
+# Selection: choose between configurations by cross-validation inside each split's train+val
+# side, then report the chosen one's test score once. The candidates are slices of one feature
+# file (bodies, taps, views) with a head each, listed in accuracy_params/selection.yaml.
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration to choose between: a slice of the feature file plus a head."""
+
+    name: str
+    bodies: list[str]  # "<backbone>@<size>" of the file's bodies (main body, then members)
+    taps: list
+    views: str
+    head: HeadConfig
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The contents of selection.yaml: the rule, the splits and the candidates."""
+
+    criterion: str  # accuracy | roc_auc: the cross-validated mean that chooses
+    folds: int
+    seed: int  # shuffles the folds (the same folds for every candidate)
+    default: str  # the candidate that is params.yaml
+    split: SplitConfig
+    candidates: list[Candidate]
+
+
+CRITERIA = ("accuracy", "roc_auc")
+
+
+def load_selection(path: Path = CANDIDATES_FILE) -> Selection:
+    """Parse selection.yaml; each candidate's head is the file's ``head`` with its keys on top."""
+    spec = yaml.safe_load(path.read_text())
+    candidates = [
+        Candidate(
+            name=item["name"],
+            bodies=item["bodies"],
+            taps=item["taps"],
+            views=item["views"],
+            head=HeadConfig(**{**spec["head"], **item.get("head", {})}),
+            threshold=float(item.get("threshold", 0.5)),
+        )
+        for item in spec["candidates"]
+    ]
+    selection = Selection(
+        criterion=spec["criterion"],
+        folds=int(spec["folds"]),
+        seed=int(spec["seed"]),
+        default=spec["default"],
+        split=SplitConfig(seed=SEEDS[0], **spec["split"]),
+        candidates=candidates,
+    )
+    names = [c.name for c in candidates]
+    if selection.criterion not in CRITERIA or selection.default not in names:
+        sys.exit(f"{path}: criterion must be one of {CRITERIA} and default a candidate's name")
+    if len(set(names)) != len(names):
+        sys.exit(f"{path}: candidate names must be unique")
+    return selection
+
+
+def body_layout(identity: dict) -> list[tuple[str, str, list[str], str]]:
+    """(``backbone@size``, backbone, taps, pool) of every body in a features_info identity, in
+    the order their features are concatenated (main body first, then ``backbone.ensemble``)."""
+    bodies = [identity, *identity.get("ensemble", [])]
+    return [
+        (f"{b['backbone']}@{b['preprocessing']['size']}", b["backbone"], b["taps"], b["pool"])
+        for b in bodies
+    ]
+
+
+def candidate_columns(identity: dict, candidate: Candidate) -> np.ndarray:
+    """Column indices of ``candidate``'s bodies and taps in a feature file with ``identity``.
+
+    Each body's block holds its taps in order, each tap pooled as the file's pool (meanmax:
+    the tap's mean channels, then its max channels), exactly as ``headswap.backbones.body``
+    concatenates them; so a slice is the vector the narrower configuration would extract.
+    """
+    layout = body_layout(identity)
+    unknown = sorted(set(candidate.bodies) - {name for name, *_ in layout})
+    if unknown:
+        sys.exit(f"candidate {candidate.name!r}: bodies {unknown} are not in the feature file")
+    wanted = {str(tap) for tap in candidate.taps}
+    columns, start = [], 0
+    for name, backbone, taps, pool in layout:
+        width = 2 if pool == "meanmax" else 1
+        channels = dict(zip([str(t) for t in ALL_TAPS], tap_channels(backbone), strict=True))
+        for tap in taps:
+            size = width * channels[tap]
+            if name in candidate.bodies and tap in wanted:
+                columns.append(np.arange(start, start + size))
+            start += size
+    return np.concatenate(columns)
+
+
+def candidate_slice(
+    embeddings: np.ndarray, identity: dict, file_views: str, candidate: Candidate
+) -> np.ndarray:
+    """``embeddings`` [N, V, D] cut down to ``candidate``'s views and columns."""
+    views = VIEW_SUBSETS[file_views][candidate.views]
+    return np.ascontiguousarray(embeddings[:, views][..., candidate_columns(identity, candidate)])
+
+
+def candidate_lever(candidate: Candidate) -> Lever:
+    """The candidate as a Lever, so ``score`` trains and scores it as the sweep does."""
+    return Lever(
+        candidate.name,
+        "+".join(candidate.bodies),
+        candidate.taps,
+        "meanmax",
+        candidate.views,
+        candidate.head,
+        candidate.threshold,
+    )
+
+
+def cross_validate(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    candidate: Candidate,
+    folds: int,
+    seed: int,
+) -> dict[str, float]:
+    """Stratified k-fold scores of ``candidate`` on the rows given, and only those.
+
+    Each fold trains the head on the other folds (no val part: temperature 1, which moves
+    neither accuracy at a fixed threshold nor ROC-AUC) and scores the held-out fold.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = []
+    for _, held in splitter.split(np.zeros(len(labels)), labels):
+        split = np.full(len(labels), "train", dtype="<U5")
+        split[held] = "test"
+        # the fold needs no sha256 or path: ``score`` reads embeddings, labels and split only
+        fold = FeatureSet(embeddings, sha256=labels, path=labels, label=labels, split=split)
+        scores.append(score(fold, classes, candidate_lever(candidate))[:2])
+    accuracy, auc = (np.array(column) for column in zip(*scores, strict=True))
+    return {
+        "accuracy": float(accuracy.mean()),
+        "roc_auc": float(auc.mean()),
+        "accuracy_per_fold": accuracy.tolist(),
+        "roc_auc_per_fold": auc.tolist(),
+    }
+
+
+def choose_candidate(
+    training_side: FeatureSet,
+    identity: dict,
+    file_views: str,
+    classes: list[str],
+    selection: Selection,
+    cv_cache: Path | None = None,
+    reverse: bool = False,
+    start: int = 0,
+) -> tuple[str, list[dict]]:
+    """The winning candidate's name and every candidate's cross-validated scores.
+
+    ``training_side`` is one split's train and val rows: the function never sees a test row,
+    so nothing about the test split can move the choice. Ties go to the other criterion, then
+    to the candidate listed first. With ``cv_cache`` (a folder for this split) each candidate's
+    CV scores are stored there and reused, so two processes can share one split's candidates,
+    one of them working through the list from the end (``reverse``), another from ``start``.
+    """
+    if (training_side.split == "test").any():
+        raise ValueError("choose_candidate takes the train+val side of a split, not its test rows")
+    rows: dict[int, dict] = {}
+    order = range(len(selection.candidates))
+    start = start % len(order)
+    work = [*order[start:], *order[:start]]  # a third process can start in the middle
+    for index in reversed(work) if reverse else work:
+        candidate = selection.candidates[index]
+        stored = cv_cache / cv_cache_name(candidate, selection) if cv_cache else None
+        if stored is not None and stored.is_file():
+            rows[index] = json.loads(stored.read_text())
+            continue
+        started = time.perf_counter()
+        sliced = candidate_slice(training_side.embeddings, identity, file_views, candidate)
+        cv = cross_validate(
+            sliced, training_side.label, classes, candidate, selection.folds, selection.seed
+        )
+        rows[index] = {"candidate": candidate.name, **cv}
+        if stored is not None:
+            atomic_write_text(stored, json.dumps(rows[index]))
+        print(
+            f"  {candidate.name}: CV accuracy {cv['accuracy']:.4f}, ROC-AUC {cv['roc_auc']:.4f} "
+            f"({time.perf_counter() - started:.0f}s)",
+            flush=True,
+        )
+    table = [rows[index] for index in order]
+    other = CRITERIA[1 - CRITERIA.index(selection.criterion)]
+    ranked = sorted(
+        range(len(table)),
+        key=lambda i: (-table[i][selection.criterion], -table[i][other], i),
+    )
+    return table[ranked[0]]["candidate"], table
+
+
+def cv_cache_name(candidate: Candidate, selection: Selection) -> str:
+    """The file of one candidate's CV scores: its whole definition and the folds."""
+    key = json.dumps(
+        [
+            candidate.name,
+            candidate.bodies,
+            [str(t) for t in candidate.taps],
+            candidate.views,
+            candidate.head.model_dump(mode="json"),
+            candidate.threshold,
+            selection.folds,
+            selection.seed,
+        ],
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16] + ".json"
+
+
+def score_on_test(
+    features: FeatureSet,
+    identity: dict,
+    file_views: str,
+    classes: list[str],
+    candidate: Candidate,
+) -> dict[str, float]:
+    """Train ``candidate`` as the pipeline does (head on train, temperature on val) and score
+    the test rows: the one look at the test split."""
+    sliced = replace(
+        features, embeddings=candidate_slice(features.embeddings, identity, file_views, candidate)
+    )
+    accuracy, auc, _ = score(sliced, classes, candidate_lever(candidate))
+    return {"accuracy": accuracy, "roc_auc": auc}
+
+
+def select_on_split(
+    features: FeatureSet,
+    identity: dict,
+    file_views: str,
+    classes: list[str],
+    selection: Selection,
+    cv_cache: Path | None = None,
+    reverse: bool = False,
+    start: int = 0,
+) -> dict:
+    """One split (``features.split``): choose on its train+val side, then score test once."""
+    side = features.split != "test"
+    training_side = FeatureSet(*(column[side] for column in _columns(features)))
+    winner, table = choose_candidate(
+        training_side, identity, file_views, classes, selection, cv_cache, reverse, start
+    )
+    chosen = next(c for c in selection.candidates if c.name == winner)
+    cv = next(row for row in table if row["candidate"] == winner)
+    return {
+        "winner": winner,
+        "cv_accuracy": cv["accuracy"],
+        "cv_roc_auc": cv["roc_auc"],
+        "test": score_on_test(features, identity, file_views, classes, chosen),
+        "cv": table,
+    }
+
+
+def _columns(features: FeatureSet) -> tuple[np.ndarray, ...]:
+    return (features.embeddings, features.sha256, features.path, features.label, features.split)
+
+
+def spread(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    array = np.array(values)
+    std = float(array.std(ddof=1)) if len(array) > 1 else None
+    return {"mean": float(array.mean()), "std": std}
+
+
+def aligned_rows(features: FeatureSet, manifest: Path) -> list[dict]:
+    """The manifest's rows in the feature file's row order (the split needs pixels_sha256)."""
+    by_path = {row["path"]: row for row in read_manifest(manifest)}
+    missing = [str(p) for p in features.path if str(p) not in by_path]
+    if missing:
+        sys.exit(f"{manifest}: {len(missing)} feature rows are not in the manifest: {missing[:3]}")
+    return [by_path[str(p)] for p in features.path]
+
+
+def run_selection(
+    features: FeatureSet,
+    info: dict,
+    rows: list[dict],
+    classes: list[str],
+    selection: Selection,
+    seeds: list[int],
+    done: Callable[[dict], None] = lambda _: None,
+    cv_cache: Path | None = None,
+    reverse: bool = False,
+    start: int = 0,
+) -> dict:
+    """Every seed's split: the CV choice and its test score, and the default's test score.
+
+    ``done`` gets the results so far after each split (a cut-short run keeps what it measured).
+    """
+    identity, file_views = info["identity"], info["views"]
+    default = next(c for c in selection.candidates if c.name == selection.default)
+    splits = []
+    for seed in seeds:
+        print(f"split seed {seed}: choosing by {selection.folds}-fold CV on train+val", flush=True)
+        split = replace(features, split=split_labels(rows, seed, selection.split))
+        folder = None
+        if cv_cache is not None:
+            folder = cv_cache / f"seed-{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+        result = select_on_split(
+            split, identity, file_views, classes, selection, folder, reverse, start
+        )
+        result["default_test"] = score_on_test(split, identity, file_views, classes, default)
+        print(
+            f"split seed {seed}: chose {result['winner']!r}; test accuracy "
+            f"{result['test']['accuracy']:.4f}, ROC-AUC {result['test']['roc_auc']:.4f} "
+            f"(default: {result['default_test']['accuracy']:.4f}, "
+            f"{result['default_test']['roc_auc']:.4f})",
+            flush=True,
+        )
+        splits.append({"seed": seed, **result})
+        done(summarise_selection(splits))
+    return summarise_selection(splits)
+
+
+def summarise_selection(splits: list[dict]) -> dict:
+    """The chosen configurations' and the default's test scores: mean ± std over the splits."""
+    return {
+        "selected": {metric: spread([s["test"][metric] for s in splits]) for metric in CRITERIA},
+        "default": {
+            metric: spread([s["default_test"][metric] for s in splits]) for metric in CRITERIA
+        },
+        "splits": splits,
+    }
+
+
+def selection_record(selection: Selection, info: dict, results: dict, seconds: dict) -> dict:
+    """What ``select`` writes: the protocol, the candidates, every split's figures, timing."""
+    return {
+        "protocol": {
+            "criterion": selection.criterion,
+            "folds": selection.folds,
+            "fold_seed": selection.seed,
+            "split": selection.split.model_dump(mode="json") | {"seed": "per split"},
+            "default": selection.default,
+            "feature_cache_key": info["cache_key"],
+        },
+        "candidates": [
+            {
+                "name": c.name,
+                "bodies": c.bodies,
+                "taps": [str(t) for t in c.taps],
+                "views": c.views,
+                "C": c.head.C,
+                "threshold": c.threshold,
+            }
+            for c in selection.candidates
+        ],
+        **results,
+        "seconds": seconds,
+    }
+
+
+def merge_selections(paths: list[Path]) -> dict:
+    """One record from ``select`` runs over different seeds with the same candidates file."""
+    records = [json.loads(path.read_text()) for path in paths]
+    first = records[0]
+    for path, record_ in zip(paths, records, strict=True):
+        if (record_["protocol"], record_["candidates"]) != (first["protocol"], first["candidates"]):
+            sys.exit(f"{path}: another protocol or candidate set than {paths[0]}")
+    splits = sorted((s for r in records for s in r["splits"]), key=lambda split: split["seed"])
+    seeds = [split["seed"] for split in splits]
+    if len(set(seeds)) != len(seeds):
+        sys.exit(f"the same split seed appears twice in {', '.join(map(str, paths))}: {seeds}")
+    runs = [{"seeds": [s["seed"] for s in r["splits"]], **r["seconds"]} for r in records]
+    seconds = {"cpu": round(sum(run["cpu"] for run in runs), 1), "runs": runs}
+    return {
+        "protocol": first["protocol"],
+        "candidates": first["candidates"],
+        **summarise_selection(splits),
+        "seconds": seconds,
+    }
+
+
+def select_command(args: argparse.Namespace) -> int:
+    """``select``: choose by CV inside train+val on every split and score test once."""
+    import resource
+
+    if args.merge:
+        atomic_write_text(args.out, json.dumps(merge_selections(args.merge), indent=2) + "\n")
+        print(f"wrote {args.out} from {len(args.merge)} runs")
+        return 0
+    if args.features is None:
+        sys.exit("select: --features is required (or --merge earlier results)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    selection = load_selection(args.candidates)
+    info_path = args.info or args.features.with_name("features_info.json")
+    info = json.loads(info_path.read_text())
+    features = load_features(args.features)
+    rows = aligned_rows(features, args.manifest)
+    classes = read_classes(args.validation)
+    started, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+
+    def write(results: dict) -> dict[str, float]:
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        seconds = {
+            "wall": round(time.perf_counter() - started, 1),
+            "cpu": round(end.ru_utime + end.ru_stime - usage.ru_utime - usage.ru_stime, 1),
+            "torch_threads": torch.get_num_threads(),
+        }
+        record_ = selection_record(selection, info, results, seconds)
+        atomic_write_text(args.out, json.dumps(record_, indent=2) + "\n")
+        return seconds
+
+    results = run_selection(
+        features,
+        info,
+        rows,
+        classes,
+        selection,
+        args.seeds,
+        write,
+        args.cv_cache,
+        args.reverse,
+        args.start,
+    )
+    seconds = write(results)
+    for name in ("selected", "default"):
+        acc, auc = results[name]["accuracy"], results[name]["roc_auc"]
+        print(
+            f"{name}: test accuracy {acc['mean']:.4f} ± {acc['std'] or 0:.4f}, "
+            f"ROC-AUC {auc['mean']:.4f} ± {auc['std'] or 0:.4f}"
+        )
+    print(f"wrote {args.out} ({seconds['wall']}s wall, {seconds['cpu']}s CPU)")
+    return 0
+
+
 # The results file: one row per experiment, numbers as printed (4 decimals). ``commit`` is set
 # only on rows the current code no longer reproduces: the commit they were measured at.
 RESULT_FIELDS = [
@@ -466,7 +918,87 @@ def per_split_table(rows: list[dict[str, str]]) -> str:
     )
 
 
+def number(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def spread_text(figures: dict[str, float | None]) -> str:
+    """``mean ± std`` of a ``spread``."""
+    std = figures["std"]
+    return number(figures["mean"]) + ("" if std is None else f" ± {number(std)}")
+
+
+def selection_summary_table(selection: dict) -> str:
+    """The CV-chosen configurations and the default: test mean ± std over the splits."""
+    seeds = ", ".join(str(split["seed"]) for split in selection["splits"])
+    rows = [
+        ("chosen by CV inside train+val, per split", selection["selected"]),
+        (f"the default, params.yaml ({selection['protocol']['default']})", selection["default"]),
+    ]
+    return markdown_table(
+        ["configuration", f"test accuracy, seeds {seeds}", "test ROC-AUC"],
+        [[name, spread_text(f["accuracy"]), spread_text(f["roc_auc"])] for name, f in rows],
+    )
+
+
+def selection_splits_table(selection: dict) -> str:
+    """Per split: the winner, its CV score, its test score, and the default's test score."""
+    return markdown_table(
+        [
+            "split seed",
+            "chosen configuration",
+            "CV accuracy",
+            "CV ROC-AUC",
+            "test accuracy",
+            "test ROC-AUC",
+            "default's test accuracy",
+            "default's test ROC-AUC",
+        ],
+        [
+            [
+                str(split["seed"]),
+                split["winner"],
+                number(split["cv_accuracy"]),
+                number(split["cv_roc_auc"]),
+                number(split["test"]["accuracy"]),
+                number(split["test"]["roc_auc"]),
+                number(split["default_test"]["accuracy"]),
+                number(split["default_test"]["roc_auc"]),
+            ]
+            for split in selection["splits"]
+        ],
+    )
+
+
+def selection_candidates_table(selection: dict) -> str:
+    """Every candidate's cross-validated scores, averaged over the splits, and its wins."""
+    table = []
+    for candidate in selection["candidates"]:
+        name = candidate["name"]
+        cv = [
+            row for split in selection["splits"] for row in split["cv"] if row["candidate"] == name
+        ]
+        wins = sum(split["winner"] == name for split in selection["splits"])
+        table.append(
+            [
+                name,
+                number(float(np.mean([row["accuracy"] for row in cv]))),
+                number(float(np.mean([row["roc_auc"] for row in cv]))),
+                str(wins),
+            ]
+        )
+    return markdown_table(
+        ["candidate", "CV accuracy (mean of splits)", "CV ROC-AUC (mean of splits)", "splits won"],
+        table,
+    )
+
+
 TABLES = {"experiments": experiments_table, "per-split": per_split_table}
+SELECTION_TABLES = {
+    "selection": selection_summary_table,
+    "selection-splits": selection_splits_table,
+    "selection-candidates": selection_candidates_table,
+}
 GENERATED = re.compile(
     r"(<!-- generated by benchmarks/accuracy.py render: (?P<name>[\w-]+) -->\n)"
     r".*?"
@@ -475,22 +1007,30 @@ GENERATED = re.compile(
 )
 
 
-def render(markdown: str, rows: list[dict[str, str]]) -> str:
-    """``markdown`` with every generated block rewritten from ``rows``."""
-    return GENERATED.sub(
-        lambda match: f"{match[1]}{TABLES[match['name']](rows)}\n{match[3]}", markdown
-    )
+def render(markdown: str, rows: list[dict[str, str]], selection: dict | None = None) -> str:
+    """``markdown`` with every generated block rewritten from ``rows`` (the results file) and
+    ``selection`` (what ``select`` wrote)."""
+
+    def table(name: str) -> str:
+        if name in TABLES:
+            return TABLES[name](rows)
+        if selection is None:
+            sys.exit(f"the {name!r} table needs the selection results (render --selection)")
+        return SELECTION_TABLES[name](selection)
+
+    return GENERATED.sub(lambda match: f"{match[1]}{table(match['name'])}\n{match[3]}", markdown)
 
 
 def render_command(args: argparse.Namespace) -> int:
     """``render``: rewrite the generated tables, or with ``--check`` only compare them."""
     current = args.out.read_text()
-    rendered = render(current, read_results(args.results))
+    selection = json.loads(args.selection.read_text()) if args.selection.is_file() else None
+    rendered = render(current, read_results(args.results), selection)
     if args.check:
         print(f"{args.out} is {'current' if rendered == current else 'stale'}")
         return int(rendered != current)
     args.out.write_text(rendered)
-    print(f"wrote {args.out} from {args.results}")
+    print(f"wrote {args.out} from {args.results} and {args.selection}")
     return 0
 
 
@@ -598,9 +1138,45 @@ def parser() -> argparse.ArgumentParser:
     measure.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
+    select = commands.add_parser(
+        "select",
+        help="choose between candidates by CV inside each split's train+val, score test once",
+    )
+    select.set_defaults(run=select_command)
+    select.add_argument("--features", type=Path, help="a features.npz the candidates slice")
+    select.add_argument(
+        "--info", type=Path, help="its features_info.json (default: beside --features)"
+    )
+    select.add_argument("--manifest", type=Path, default=Path("data/prepared/manifest.csv"))
+    select.add_argument(
+        "--validation", type=Path, default=Path("data/prepared/validation.json"), help="classes"
+    )
+    select.add_argument("--candidates", type=Path, default=CANDIDATES_FILE)
+    select.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    select.add_argument("--out", type=Path, default=SELECTION_FILE, help="results (JSON)")
+    select.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
+    select.add_argument(
+        "--cv-cache",
+        type=Path,
+        help="keep each candidate's CV scores here per split and reuse them (processes that "
+        "share a split share this folder)",
+    )
+    select.add_argument(
+        "--reverse", action="store_true", help="work through the candidates from the end"
+    )
+    select.add_argument(
+        "--start", type=int, default=0, help="with --cv-cache: begin at this candidate's index"
+    )
+    select.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="instead of measuring: combine these select results (other seeds) into --out",
+    )
     render_ = commands.add_parser("render", help="rewrite ACCURACY.md's tables from the results")
     render_.set_defaults(run=render_command)
     render_.add_argument("--results", type=Path, default=RESULTS_FILE)
+    render_.add_argument("--selection", type=Path, default=SELECTION_FILE, help="select's results")
     render_.add_argument("--out", type=Path, default=ACCURACY_MD)
     render_.add_argument(
         "--check", action="store_true", help="exit 1 if the tables differ from the results"
