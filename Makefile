@@ -42,7 +42,7 @@ test: install  ## Fast suite: unit + integration on small real data (no slow/gpu
 test-slow: install  ## Slow suite: real servers, real browser, full ELPV
 	@$(PY) -m pytest -m "slow and not gpu" -q || [ $$? -eq 5 ]  # 5 = none collected
 
-bench: install  ## Feature-extraction benchmark on ELPV -> benchmarks/results/features.json (minutes)
+bench: install  ## Features-stage benchmark on ELPV: params.yaml's body + a Lite0 reference -> benchmarks/results/features.json (about 20 min on 2 quiet cores)
 	@test -d data/raw || $(VENV)/bin/headswap ingest
 	@$(PY) benchmarks/features.py --raw data/raw --out benchmarks/results/features.json
 
