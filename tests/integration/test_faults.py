@@ -92,9 +92,10 @@ def test_flow_driver_waits_for_the_lock(tmp_path, monkeypatch):
     project = _dvc_project(tmp_path / "flow")
     first = _start_first_run(project)
     monkeypatch.chdir(project)
-    ran = workspace.repro_stage("slow")
+    run = workspace.repro_stage("slow")
     assert first.wait() == 0
-    assert ran is False  # the first run did the work; the second saw it up to date
+    assert run.status == "up to date"  # the first run did the work; the second saw it done
+    assert not run.ran
 
 
 # ---------------------------------------------------------------- torn and killed cache writes
