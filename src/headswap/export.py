@@ -26,7 +26,7 @@ from headswap.backbones.spec import BackboneSpec
 from headswap.config import BackboneConfig, ExportConfig, FeaturesConfig
 from headswap.engine import body_onnx_path, torch_to_onnx
 from headswap.errors import ParityError
-from headswap.feature_cache import default_cache_dir
+from headswap.feature_cache import cache_root
 from headswap.heads import Head, HeadMeta
 from headswap.imaging import load_model_input
 from headswap.io import atomic_path, atomic_write_text, read_csv
@@ -193,8 +193,7 @@ def compose_with_body(model: DeployableModel, body_path: Path, size: int, opset:
 
 def cached_body(spec: BackboneSpec, backbone: BackboneConfig, features: FeaturesConfig):
     """The body ONNX the features stage exported for this configuration, or None."""
-    root = Path(features.cache_dir) if features.cache_dir else default_cache_dir()
-    path = body_onnx_path(root, spec, backbone)
+    path = body_onnx_path(cache_root(features.cache_dir), spec, backbone)
     return path if path.is_file() else None
 
 

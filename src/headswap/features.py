@@ -24,7 +24,7 @@ from headswap.backbones.spec import BackboneSpec, identity_key
 from headswap.codeversion import code_version
 from headswap.distributed import embed_distributed
 from headswap.engine import EmbeddingJob, embed_missing, make_runner, pixel_batches
-from headswap.feature_cache import FeatureCache, default_cache_dir
+from headswap.feature_cache import FeatureCache, cache_root
 from headswap.feature_set import write_features
 from headswap.io import atomic_write_text
 from headswap.manifest import read_manifest
@@ -89,9 +89,9 @@ def extract_features(
     """
     started = time.perf_counter()
     spec = resolve_backbone(backbone)
-    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    root = cache_root(config.cache_dir)
     key = feature_cache_key(spec, backbone, config)
-    cache = FeatureCache(cache_root, key)
+    cache = FeatureCache(root, key)
     rows = read_manifest(manifest_path)
     missing = missing_rows(rows, cache)
     engine = "cache"
@@ -117,7 +117,7 @@ def extract_features(
         "cache_hits": hits,
         "hit_rate": round(hits / len(rows), 4),
         "dim": dim,
-        "cache_dir": str(cache_root),
+        "cache_dir": str(root),
     }
     atomic_write_text(out_path.with_name(FEATURES_INFO.name), json.dumps(info, indent=2))
     return FeaturesResult(out_path, len(rows), dim, views, hits, key, engine)

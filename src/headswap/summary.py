@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from headswap import paths
+from headswap.io import markdown_table
 
 MLFLOW_UI = "http://127.0.0.1:5000"
 
@@ -309,10 +310,10 @@ def format_markdown(summary: dict) -> str:
 
 def _timing_markdown(timings: dict) -> list[str]:
     rows = [
-        f"| {what} | {seconds:.1f} | {cpu:.1f} | {note} |"
+        (what, f"{seconds:.1f}", f"{cpu:.1f}", note)
         for what, seconds, cpu, note in timing_rows(timings)
     ]
-    return ["", "| seconds | wall | CPU | note |", "|---|---|---|---|", *rows]
+    return ["", markdown_table(("seconds", "wall", "CPU", "note"), rows)]
 
 
 def _number(value: float | None) -> str:
