@@ -399,12 +399,15 @@ class TestDecodedPixels:
         write_png16_zeros(path, side)
         assert path.stat().st_size < 1_000_000
         child = (
-            "import json, resource, sys\n"
+            "import json, sys\n"
             "from headswap.prepare import pixels_sha256\n"
             "from headswap.imaging import open_rgb\n"
             "image = open_rgb(sys.argv[1])\n"
             "pixels_sha256(image)\n"
-            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so the child would
+            # report pytest's own peak once the suite has grown past the bound.
+            "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+            "peak = int(status.split()[0]) * 1024\n"
             "print(json.dumps([image.mode, image.size, image.getextrema(), peak]))\n"
         )
         done = subprocess.run(
